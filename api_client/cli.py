@@ -1,0 +1,217 @@
+"""The ``logprobe`` command line: workers, submitting, watching, SQL, schema upgrades."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import LogprobeError
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    return Client(redis_url=args.redis_url, database_url=args.database_url)
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(columns))
+    return frame.to_string(index=False) if rows else "(no rows)"
+
+
+def token_table(result: Any, sequence: int = 0, include_prompt: bool = False) -> str:
+    """A job's per-token table: position, token id, token, logprob, probability."""
+    seq = result.sequences[sequence]
+    tokens = [*seq.prompt_tokens, *seq.tokens] if include_prompt else list(seq.tokens)
+    rows = [
+        {
+            "position": t.position,
+            "token_id": t.token_id,
+            "token": repr(t.token),
+            "logprob": None if t.logprob is None else round(t.logprob, 6),
+            "prob": None if t.logprob is None else round(math.exp(t.logprob), 6),
+            "generated": t.generated,
+            "top": ", ".join(f"{a.token!r}:{a.logprob:.3f}" for a in t.top_logprobs[:5]),
+        }
+        for t in tokens
+    ]
+    return _table(rows, ["position", "token_id", "token", "logprob", "prob", "generated", "top"])
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    # The worker lives in another package that the client must not import: exec it.
+    env = dict(os.environ)
+    if args.redis_url:
+        env["LOGPROBE_REDIS_URL"] = args.redis_url
+    if args.database_url:
+        env["LOGPROBE_DATABASE_URL"] = args.database_url
+    argv = [sys.executable, "-m", "worker", *extra]
+    os.execve(sys.executable, argv, env)
+    return 0  # not reached
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .specs import make_spec
+
+    fields: dict[str, Any] = {"model": args.model, "backend": args.backend,
+                              "revision": args.revision, "dtype": args.dtype,
+                              "device": args.device, "top_logprobs": args.top_logprobs}
+    if args.kind == "score":
+        fields.update(text=args.text, prepend_bos=args.prepend_bos,
+                      token_ids=[int(i) for i in args.token_ids.split(",")]
+                      if args.token_ids else None)
+    else:
+        fields.update(prompt=args.text, max_new_tokens=args.max_new_tokens,
+                      do_sample=args.do_sample, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      num_return_sequences=args.num_return_sequences)
+    if args.spec:
+        fields = {**json.loads(args.spec), **{k: v for k, v in fields.items() if v}}
+    spec = make_spec(args.kind, **fields)
+    client = _client(args)
+    job = client.submit(spec, queue=args.queue)
+    print(job.id)
+    if args.wait is not None:
+        result = job.result(timeout=args.wait or None)
+        _print_result(result)
+    return 0
+
+
+def _print_result(result: Any) -> None:
+    if result.loss is not None:
+        print(f"loss {result.loss:.6f}")
+    for seq in result.sequences:
+        if result.kind == "generate":
+            print(f"sequence {seq.index}: {seq.text!r} (finish: {seq.finish_reason})")
+        print(token_table(result, seq.index))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    info = _client(args).job(args.job).info()
+    keep = ["id", "kind", "backend", "model", "status", "worker", "attempts", "loss", "seed",
+            "model_revision", "device", "dtype", "created_at", "started_at", "finished_at",
+            "error"]
+    for key in keep:
+        if info.get(key) is not None:
+            value = info[key].value if hasattr(info[key], "value") else info[key]
+            print(f"{key:15} {value}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job)
+    result = job.result(timeout=args.wait) if args.wait else job.result(timeout=0)
+    if result.loss is not None:
+        print(f"loss {result.loss:.6f}")
+    print(token_table(result, args.sequence, include_prompt=args.prompt))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    frame = _client(args).sql(args.query)
+    if args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(frame.to_json(orient="records", date_format="iso"))
+    else:
+        print(frame.to_string(index=False) if len(frame) else "(no rows)")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from .database import upgrade_schema
+    from .settings import Settings
+
+    settings = Settings.from_env(database_url=args.database_url)
+    url = settings.resolved_database_url()
+    upgrade_schema(url, args.revision)
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logprobe", description="Probe language models "
+                                     "through a job queue; results land in SQL.")
+    parser.add_argument("--redis-url", help="broker URL (default: $LOGPROBE_REDIS_URL, "
+                        "else the embedded Redis)")
+    parser.add_argument("--database-url", help="results database (default: "
+                        "$LOGPROBE_DATABASE_URL, else ~/.logprobe/logprobe.db)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("worker", help="start a worker (options: `logprobe worker --help`)",
+                   add_help=False)
+
+    submit = sub.add_parser("submit", help="submit a probe; prints its job id")
+    submit.add_argument("kind", choices=["score", "generate"])
+    submit.add_argument("text", nargs="?", help="text to score, or prompt to continue")
+    submit.add_argument("--model", "-m", required=True)
+    submit.add_argument("--backend", default="hf", choices=["hf", "openai"])
+    submit.add_argument("--revision")
+    submit.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    submit.add_argument("--device")
+    submit.add_argument("--queue")
+    submit.add_argument("--top-logprobs", type=int, default=0)
+    submit.add_argument("--token-ids", help="comma-separated ids to score instead of text")
+    submit.add_argument("--prepend-bos", action="store_true")
+    submit.add_argument("--max-new-tokens", type=int, default=16)
+    submit.add_argument("--do-sample", action="store_true")
+    submit.add_argument("--temperature", type=float)
+    submit.add_argument("--top-k", type=int)
+    submit.add_argument("--top-p", type=float)
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--num-return-sequences", type=int, default=1)
+    submit.add_argument("--spec", help="a JSON object of further spec fields")
+    submit.add_argument("--wait", type=float, nargs="?", const=0,
+                        help="wait for the result (optionally at most this many seconds) "
+                        "and print it")
+
+    status = sub.add_parser("status", help="a job's status, provenance and error")
+    status.add_argument("job")
+
+    show = sub.add_parser("show", help="a finished job's per-token table")
+    show.add_argument("job")
+    show.add_argument("--sequence", type=int, default=0)
+    show.add_argument("--prompt", action="store_true", help="include a generation's prompt")
+    show.add_argument("--wait", type=float, help="wait up to this many seconds for the job")
+
+    sql = sub.add_parser("sql", help="run a SQL query on the results database")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="alembic upgrade (default: head)")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "worker":  # its options belong to `python -m worker`
+        return cmd_worker(args, extra)
+    args = parser.parse_args(argv)
+    commands = {"submit": cmd_submit, "status": cmd_status, "show": cmd_show,
+                "sql": cmd_sql, "db": cmd_db}
+    try:
+        return commands[args.command](args)
+    except LogprobeError as exc:
+        print(f"logprobe: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

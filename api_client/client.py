@@ -1,0 +1,204 @@
+"""The Python entry point: submit probes, get job handles, query results with SQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, delete, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from .broker import make_celery
+from .constants import TASK_RUN_PROBES, default_queue
+from .database import ensure_schema, make_engine, make_sessionmaker
+from .errors import ConfigError
+from .jobs import JobHandle
+from .schema import Job, JobStatus
+from .settings import Settings
+from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from celery import Celery
+
+AnySpec = ScoreSpec | GenerateSpec
+
+
+class Client:
+    """Submit probe jobs and read their results.
+
+    With no arguments, URLs come from ``LOGPROBE_REDIS_URL`` and
+    ``LOGPROBE_DATABASE_URL``; when those are unset, an embedded Redis server and
+    a SQLite file under ``LOGPROBE_HOME`` (``~/.logprobe``) are used.
+    Connections open on first use.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        database_url: str | None = None,
+        *,
+        home: str | None = None,
+        queue: str | None = None,
+    ) -> None:
+        #: Where submissions go when a call names no queue (default: logprobe.<backend>).
+        self.queue = queue
+        self.settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
+                                          home=home)
+        self._engine: Engine | None = None
+        self._sessionmaker: sessionmaker[Session] | None = None
+        self._celery: Celery | None = None
+
+    # --- connections -------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.settings.resolved_database_url())
+            if self.settings.database_url is None:
+                ensure_schema(self._engine)  # the embedded default sets itself up
+        return self._engine
+
+    @property
+    def database_url_safe(self) -> str:
+        """The database URL with any password masked, for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def session(self) -> Session:
+        if self._sessionmaker is None:
+            self._sessionmaker = make_sessionmaker(self.engine)
+        return self._sessionmaker()
+
+    @property
+    def celery(self) -> Celery:
+        if self._celery is None:
+            self._celery = make_celery(self.settings.resolved_redis_url())
+        return self._celery
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+            self._sessionmaker = None
+        if self._celery is not None:
+            self._celery.close()
+            self._celery = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- submitting --------------------------------------------------------------
+
+    def submit(self, spec: AnySpec | dict[str, Any], *, queue: str | None = None) -> JobHandle:
+        """Submit one probe spec (a spec object or its JSON dict); returns at once."""
+        return self.submit_many([spec], queue=queue)[0]
+
+    def submit_many(
+        self, specs: Iterable[AnySpec | dict[str, Any]], *, queue: str | None = None
+    ) -> list[JobHandle]:
+        """Validate every spec, write the job rows in one transaction, then enqueue.
+
+        Nothing is written if any spec is invalid (:class:`SpecError`). If the
+        broker cannot be reached, the rows are removed again and the error raised.
+        """
+        parsed = [parse_spec(s) for s in specs]
+        now = datetime.now(timezone.utc)
+        rows = [
+            Job(
+                id=uuid.uuid4().hex,
+                kind=spec.kind,
+                backend=spec.backend,
+                model=spec.model,
+                status=JobStatus.QUEUED,
+                spec=spec.model_dump(mode="json"),
+                queue=queue or self.queue or default_queue(spec.backend),
+                seed=getattr(spec, "seed", None),
+                created_at=now,
+            )
+            for spec in parsed
+        ]
+        with self.session() as session, session.begin():
+            session.add_all(rows)
+        try:
+            self._enqueue(rows)
+        except Exception as exc:
+            with self.session() as session, session.begin():
+                session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))
+            raise ConfigError(
+                f"could not send the jobs to the broker at "
+                f"{self.settings.redis_url or 'the embedded Redis'}: {exc}; "
+                "check LOGPROBE_REDIS_URL and that Redis is running"
+            ) from exc
+        return [JobHandle(self, row.id) for row in rows]
+
+    def _enqueue(self, rows: Sequence[Job]) -> None:
+        with self.celery.producer_or_acquire() as producer:
+            for row in rows:
+                self.celery.send_task(
+                    TASK_RUN_PROBES,
+                    args=[{"jobs": [{"id": row.id, "spec": row.spec}]}],
+                    queue=row.queue,
+                    producer=producer,
+                )
+
+    def score(
+        self,
+        text: str | None = None,
+        *,
+        model: str,
+        token_ids: Sequence[int] | None = None,
+        prepend_bos: bool = False,
+        top_logprobs: int = 0,
+        backend: str = "hf",
+        queue: str | None = None,
+        **options: Any,
+    ) -> JobHandle:
+        """Score a text (or token ids): loss and per-token logprobs. Returns at once.
+
+        ``options`` are the remaining :class:`ScoreSpec` fields (revision, dtype, device).
+        """
+        spec = make_spec("score", text=text, token_ids=list(token_ids) if token_ids else None,
+                         model=model, prepend_bos=prepend_bos, top_logprobs=top_logprobs,
+                         backend=backend, **options)
+        return self.submit(spec, queue=queue)
+
+    def score_many(
+        self, texts: Iterable[str], *, model: str, queue: str | None = None, **options: Any
+    ) -> list[JobHandle]:
+        """Score many texts with the same options: one job each, submitted together."""
+        specs = [make_spec("score", text=t, model=model, **options) for t in texts]
+        return self.submit_many(specs, queue=queue)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str,
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        backend: str = "hf",
+        queue: str | None = None,
+        **options: Any,
+    ) -> JobHandle:
+        """Continue a prompt. ``options`` are the remaining :class:`GenerateSpec` fields
+        (temperature, top_k, top_p, seed, num_return_sequences, top_logprobs, ...)."""
+        spec = make_spec("generate", prompt=prompt, model=model, max_new_tokens=max_new_tokens,
+                         do_sample=do_sample, backend=backend, **options)
+        return self.submit(spec, queue=queue)
+
+    # --- reading -----------------------------------------------------------------
+
+    def job(self, job_id: str) -> JobHandle:
+        return JobHandle(self, job_id)
+
+    def sql(self, query: str, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Run a SQL query on the results database and return a pandas DataFrame."""
+        import pandas as pd
+
+        with self.engine.connect() as connection:
+            return pd.read_sql_query(text(query), connection, params=params)

@@ -1,0 +1,69 @@
+"""Engines, sessions and schema upgrades. Nothing here runs at import time."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.orm import sessionmaker
+
+from .errors import ConfigError
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the worker's writes
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url`` with the settings logprobe relies on."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite"):
+        kwargs.setdefault("connect_args", {"timeout": 30})
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic environment lives (the top-level ``migrations`` package)."""
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the 'migrations' package is not installed with logprobe")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade_schema(url: str, revision: str = "head") -> None:
+    """Run ``alembic upgrade`` on the database at ``url``."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the schema on an empty database (the embedded default's first use)."""
+    if not inspect(engine).has_table("alembic_version"):
+        upgrade_schema(engine.url.render_as_string(hide_password=False))

@@ -1,0 +1,83 @@
+"""Job handles: a job id plus the means to watch it in SQL."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import inspect as sa_inspect
+
+from .errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
+from .results import ProbeResult, read_result
+from .schema import Job, JobStatus
+
+if TYPE_CHECKING:
+    from .client import Client
+
+#: Polling starts fast (tiny probes finish in milliseconds) and backs off to this.
+_MAX_POLL_INTERVAL = 0.5
+
+
+class JobHandle:
+    """A submitted job. Cheap to create; every query goes to SQL, the system of record."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JobHandle) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def _row(self) -> Job:
+        with self.client.session() as session:
+            job = session.get(Job, self.id)
+            if job is None:
+                raise JobNotFound(f"no job with id {self.id!r} in {self.client.database_url_safe}")
+            return job
+
+    def status(self) -> JobStatus:
+        return self._row().status
+
+    def info(self) -> dict[str, Any]:
+        """The job row as a dict (status, provenance, error, timestamps, ...)."""
+        job = self._row()
+        return {attr.key: getattr(job, attr.key) for attr in sa_inspect(Job).column_attrs}
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Block until the job has finished (succeeded, failed or cancelled)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = 0.01
+        while True:
+            status = self.status()
+            if status.finished:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(
+                    f"job {self.id} is still {status.value} after {timeout:g}s; "
+                    "call result() again with a longer timeout, or check that a worker "
+                    "serves its queue (`logprobe status JOB`)"
+                )
+            time.sleep(interval)
+            interval = min(interval * 1.5, _MAX_POLL_INTERVAL)
+
+    def result(self, timeout: float | None = None) -> ProbeResult:
+        """Wait for the job and return its result.
+
+        Raises :class:`JobFailed` (carrying the worker's error) if it failed,
+        :class:`JobCancelled` if it was cancelled, :class:`JobTimeout` on timeout.
+        """
+        self.wait(timeout)
+        with self.client.session() as session:
+            job = session.get(Job, self.id)
+            assert job is not None
+            if job.status is JobStatus.FAILED:
+                raise JobFailed(job.id, job.error)
+            if job.status is JobStatus.CANCELLED:
+                raise JobCancelled(job.id, job.error)
+            return read_result(session, job)

@@ -1,0 +1,151 @@
+"""The SQL schema: one row per job, one per token, one per top-k alternative.
+
+This is the system of record. Alembic migrations in ``migrations/`` create it;
+the README documents every column.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from .db_base import Base
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"  # row written at submit, message sent to the broker
+    RUNNING = "running"  # a worker claimed it (attempts counts the claims)
+    SUCCEEDED = "succeeded"  # results stored, in the same transaction as this status
+    FAILED = "failed"  # error holds why; the worker went on serving
+    CANCELLED = "cancelled"  # stopped on request; rows stored so far are partial
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def _status_enum() -> Enum:
+    return Enum(
+        JobStatus,
+        name="job_status",
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    backend: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(512), index=True)
+    status: Mapped[JobStatus] = mapped_column(_status_enum(), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    queue: Mapped[str] = mapped_column(String(128))
+
+    # What ran: resolved at run time by the worker.
+    model_revision: Mapped[str | None] = mapped_column(String(128))
+    dtype: Mapped[str | None] = mapped_column(String(16))
+    device: Mapped[str | None] = mapped_column(String(32))
+    device_name: Mapped[str | None] = mapped_column(String(128))
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    deterministic: Mapped[bool | None] = mapped_column(Boolean)
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    torch_version: Mapped[str | None] = mapped_column(String(64))
+    transformers_version: Mapped[str | None] = mapped_column(String(64))
+    openai_version: Mapped[str | None] = mapped_column(String(64))
+    system_fingerprint: Mapped[str | None] = mapped_column(String(128))
+    request_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+
+    # What came out.
+    loss: Mapped[float | None] = mapped_column(Float)
+    sum_logprob: Mapped[float | None] = mapped_column(Float)
+    num_scored_tokens: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_type: Mapped[str | None] = mapped_column(String(128))
+
+    # Who and when.
+    worker: Mapped[str | None] = mapped_column(String(256))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    sequences: Mapped[list[Sequence]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="Sequence.sequence_index",
+    )
+
+
+class Sequence(Base):
+    """One scored text, or one generated continuation (``num_return_sequences`` rows)."""
+
+    __tablename__ = "sequences"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    num_tokens: Mapped[int] = mapped_column(Integer)
+    num_generated: Mapped[int] = mapped_column(Integer)
+    sum_logprob: Mapped[float | None] = mapped_column(Float)
+
+    job: Mapped[Job] = relationship(back_populates="sequences")
+
+
+class Token(Base):
+    """One token of a sequence: prompt/scored tokens first, then generated ones."""
+
+    __tablename__ = "tokens"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[int | None] = mapped_column(Integer)
+    token: Mapped[str] = mapped_column(Text)
+    logprob: Mapped[float | None] = mapped_column(Float)
+    generated: Mapped[bool] = mapped_column(Boolean)
+
+
+class TopLogprob(Base):
+    """The ``rank``-th most likely token at a position (rank 0 = most likely)."""
+
+    __tablename__ = "top_logprobs"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[int | None] = mapped_column(Integer)
+    token: Mapped[str] = mapped_column(Text)
+    logprob: Mapped[float] = mapped_column(Float)

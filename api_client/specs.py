@@ -1,0 +1,162 @@
+"""Probe specs: the wire format of a job.
+
+A spec is validated where it is made (at submit, in the client) and again in the
+worker. It is plain JSON on the wire and is stored verbatim in ``jobs.spec``.
+Constraints live in the field types; rules that tie fields together are named
+validators, so an invalid spec is refused with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from .errors import SpecError
+
+Backend = Literal["hf", "openai"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+#: The largest number of alternatives stored per position (OpenAI chat allows 20).
+MAX_TOP_LOGPROBS = 20
+#: Seeds are stored in a signed 64-bit column and fed to torch.manual_seed.
+MAX_SEED = 2**63 - 1
+
+
+class _ProbeBase(BaseModel):
+    """What every probe names: where it runs and on which model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    backend: Backend = "hf"
+    model: str = Field(min_length=1, description="hub name (`gpt2`) or a local model directory")
+    revision: str | None = Field(
+        default=None, min_length=1, description="hub branch, tag or commit to load"
+    )
+    dtype: DType | None = Field(default=None, description="weights dtype; None = float32 (hf)")
+    device: str | None = Field(
+        default=None,
+        pattern=r"^(cpu|mps|cuda(:\d+)?)$",
+        description="cpu, mps, cuda or cuda:N; None = the worker picks (cuda, mps, cpu)",
+    )
+
+    @model_validator(mode="after")
+    def check_local_model_exists(self) -> _ProbeBase:
+        """A model given as a path must exist; a hub name is checked by the worker."""
+        looks_like_path = self.model.startswith(("/", "./", "../", "~"))
+        if looks_like_path and not Path(self.model).expanduser().is_dir():
+            raise ValueError(
+                f"model directory {self.model!r} does not exist; pass an existing "
+                "directory or a hub name such as 'gpt2'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def check_backend_options(self) -> _ProbeBase:
+        if self.backend == "openai" and (self.dtype or self.device or self.revision):
+            raise ValueError(
+                "dtype, device and revision apply to the 'hf' backend only; drop them "
+                "for backend='openai'"
+            )
+        return self
+
+
+class ScoreSpec(_ProbeBase):
+    """Score a text: its loss and the log-probability of every token.
+
+    Exactly one of ``text`` and ``token_ids`` is given. Token *i* gets
+    ``log_softmax(logits[i-1])[token_i]``; the first token has no logprob unless
+    ``prepend_bos`` puts the BOS token before it. ``loss`` is the mean negative
+    logprob of the scored tokens, i.e. ``model(ids, labels=ids).loss``.
+    """
+
+    kind: Literal["score"] = "score"
+    text: str | None = Field(default=None, min_length=1)
+    token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    prepend_bos: bool = Field(
+        default=False, description="score the first token too, given the BOS token"
+    )
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def check_one_input(self) -> ScoreSpec:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of text and token_ids")
+        if self.token_ids is not None and len(self.token_ids) < 2 and not self.prepend_bos:
+            raise ValueError(
+                "token_ids has one token, which has nothing before it to be scored "
+                "against; pass prepend_bos=True or at least two tokens"
+            )
+        return self
+
+
+class GenerateSpec(_ProbeBase):
+    """Continue a prompt; record each generated token's logprob and alternatives.
+
+    Greedy (``do_sample=False``) picks the most likely token; sampling uses
+    ``temperature``/``top_k``/``top_p`` and a seed (the worker picks and records
+    one when none is given). Logprobs equal
+    ``model.compute_transition_scores(..., normalize_logits=True)``.
+    """
+
+    kind: Literal["generate"] = "generate"
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(default=16, ge=1, le=100_000)
+    do_sample: bool = False
+    temperature: float | None = Field(default=None, gt=0, le=100)
+    top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_return_sequences: int = Field(default=1, ge=1, le=64)
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def check_sampling(self) -> GenerateSpec:
+        if not self.do_sample:
+            given = [
+                name for name in ("temperature", "top_k", "top_p", "seed")
+                if getattr(self, name) is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} only apply when sampling; set do_sample=True "
+                    "or drop them (do_sample=False is greedy decoding)"
+                )
+            if self.num_return_sequences > 1:
+                raise ValueError(
+                    "num_return_sequences > 1 needs do_sample=True: greedy decoding "
+                    "returns the same sequence every time"
+                )
+        return self
+
+
+ProbeSpec = Annotated[ScoreSpec | GenerateSpec, Field(discriminator="kind")]
+_PROBE_ADAPTER: TypeAdapter[ScoreSpec | GenerateSpec] = TypeAdapter(ProbeSpec)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False):
+        loc = ".".join(str(p) for p in item["loc"] if p not in ("score", "generate"))
+        msg = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid probe spec: " + "; ".join(parts)
+
+
+def parse_spec(data: dict[str, Any] | ScoreSpec | GenerateSpec) -> ScoreSpec | GenerateSpec:
+    """Validate a spec given as a dict (wire format) or a spec object.
+
+    Raises :class:`SpecError` naming each offending field.
+    """
+    if isinstance(data, ScoreSpec | GenerateSpec):
+        return data
+    try:
+        return _PROBE_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise SpecError(_describe(exc)) from None
+
+
+def make_spec(kind: str, **fields: Any) -> ScoreSpec | GenerateSpec:
+    """Build a spec from keyword arguments, with :class:`SpecError` on bad input."""
+    return parse_spec({"kind": kind, **{k: v for k, v in fields.items() if v is not None}})

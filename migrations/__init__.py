@@ -1,0 +1,1 @@
+"""Alembic environment and revisions for the logprobe schema (``api_client.schema``)."""

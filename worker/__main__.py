@@ -1,0 +1,67 @@
+"""``python -m worker --backend hf [--gpu N]``: start a Celery worker for one backend.
+
+``logprobe worker`` runs this. GPU pinning happens here, before anything imports
+torch: ``--gpu N`` sets ``CUDA_VISIBLE_DEVICES=N`` for this process and its children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from api_client.constants import default_queue
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="logprobe worker", description=__doc__)
+    parser.add_argument("--backend", choices=["hf", "openai"], required=True)
+    parser.add_argument("--gpu", type=int,
+                        help="serve on this GPU only (sets CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--queues", help="comma-separated queues (default: logprobe.<backend>)")
+    parser.add_argument("--concurrency", "-c", type=int, default=1,
+                        help="worker processes (hf: one per GPU is right; default 1)")
+    parser.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork")
+    parser.add_argument("--max-models", type=int, help="models kept loaded per process (LRU)")
+    parser.add_argument("--max-attempts", type=int,
+                        help="give a job up after its worker died this many times")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch deterministic algorithms, no TF32, fixed cuBLAS workspace")
+    parser.add_argument("--hostname", "-n", help="worker name (default: <backend>@<host>)")
+    parser.add_argument("--loglevel", "-l", default="info")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    if args.deterministic:
+        os.environ["LOGPROBE_DETERMINISTIC"] = "1"
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if args.max_models is not None:
+        os.environ["LOGPROBE_MAX_MODELS"] = str(args.max_models)
+    if args.max_attempts is not None:
+        os.environ["LOGPROBE_MAX_ATTEMPTS"] = str(args.max_attempts)
+    assert "torch" not in sys.modules, "torch must not be imported before GPU pinning"
+
+    from .app import create_app
+
+    app = create_app()
+    gpu = f"-gpu{args.gpu}" if args.gpu is not None else ""
+    hostname = args.hostname or f"{args.backend}{gpu}-{os.getpid()}@{socket.gethostname()}"
+    app.worker_main([
+        "worker",
+        "--queues", args.queues or default_queue(args.backend),
+        "--concurrency", str(args.concurrency),
+        "--pool", args.pool,
+        "--hostname", hostname,
+        "--loglevel", args.loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ])
+
+
+if __name__ == "__main__":
+    main()

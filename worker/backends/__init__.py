@@ -1,0 +1,29 @@
+"""Backends by name, imported lazily so that ``import worker`` does not import torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import Backend, ProbeOutput
+
+#: name -> "module:class"
+BACKENDS = {
+    "hf": "worker.backends.hf:HFBackend",
+}
+
+_instances: dict[str, Backend] = {}
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """The process-wide instance of backend ``name`` (created on first use)."""
+    if name not in _instances:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+        module_name, class_name = BACKENDS[name].split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        _instances[name] = cls(**options)
+    return _instances[name]
+
+
+__all__ = ["BACKENDS", "Backend", "ProbeOutput", "get_backend"]

@@ -1,0 +1,56 @@
+"""The contract every backend implements, in the manner of lm-evaluation-harness's ``LM``.
+
+A backend is given a batch of validated specs and returns one :class:`ProbeOutput`
+(or the exception that job failed with) per spec, in order. It never touches
+Celery or the database: tasks route, persistence stores, backends compute.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from api_client.results import SequenceResult
+from api_client.specs import GenerateSpec, ScoreSpec
+
+AnySpec = ScoreSpec | GenerateSpec
+
+
+@dataclass
+class ProbeOutput:
+    """What one job produced.
+
+    ``sequences``: one for a score probe, ``num_return_sequences`` for generation.
+    ``loss`` / ``sum_logprob`` / ``num_scored_tokens``: score probes only (the mean
+    and the sum of the scored tokens' logprobs, and their count).
+    ``provenance``: values for the job row's provenance columns (model_revision,
+    dtype, device, device_name, seed, deterministic, batch_size, *_version,
+    system_fingerprint, request_params, prompt_tokens, completion_tokens).
+    """
+
+    sequences: list[SequenceResult]
+    loss: float | None = None
+    sum_logprob: float | None = None
+    num_scored_tokens: int | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """One kind of model server. Instances live as long as their worker process."""
+
+    name: str
+
+    @abstractmethod
+    def run(self, specs: Sequence[AnySpec]) -> list[ProbeOutput | Exception]:
+        """Run a batch of probes; one output or exception per spec, in order.
+
+        Score probes: per-token logprobs where token *i* gets
+        ``log_softmax(logits[i-1])[token_i]`` in float32, and ``loss`` = their mean
+        (``model(ids, labels=ids).loss``). Generate probes: the generated tokens'
+        logprobs as ``compute_transition_scores(..., normalize_logits=True)``.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release models and connections."""

@@ -1,0 +1,195 @@
+"""Loading Hugging Face causal LMs once per worker process, and keeping a few loaded.
+
+Models load lazily, in the process that runs tasks (never in a prefork parent,
+so CUDA is never initialised before a fork). A small LRU cache keeps the most
+recently used models; evicting one frees its memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import platform
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from api_client.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def auto_device() -> str:
+    """CUDA if there is one, else Apple MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda:0"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def normalize_device(device: str | None) -> str:
+    if device is None:
+        return auto_device()
+    return "cuda:0" if device == "cuda" else device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def directory_revision(path: Path) -> str:
+    """A content hash of a local model directory: every file's name and bytes."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve, with what a job row records about it."""
+
+    name: str
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    revision: str | None
+    dtype: str
+    context_length: int | None
+    vocab_size: int
+
+    @property
+    def bos_token_id(self) -> int | None:
+        for candidate in (
+            self.tokenizer.bos_token_id,
+            getattr(self.model.config, "bos_token_id", None),
+            self.tokenizer.eos_token_id,
+        ):
+            if candidate is not None:
+                return int(candidate)
+        return None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = getattr(self.model.config, "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return None if eos is None else int(eos)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "model_revision": self.revision,
+            "dtype": self.dtype,
+            "device": str(self.device),
+            "device_name": device_name(self.device),
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+        }
+
+
+def _hf_token() -> str | None:
+    """A Hugging Face token for gated models, from the worker's environment only."""
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def load_model(name: str, revision: str | None, dtype: str | None, device: str) -> LoadedModel:
+    torch_dtype = _DTYPES.get(dtype or "float32", "auto")
+    local_dir = Path(name).expanduser()
+    source = str(local_dir) if local_dir.is_dir() else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, token=_hf_token())
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=torch_dtype, token=_hf_token()
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"could not load model {name!r}"
+            + (f" at revision {revision!r}" if revision else "")
+            + f": {exc}. Pass a hub name this worker can download or a local model "
+            "directory that `AutoModelForCausalLM.from_pretrained` accepts"
+        ) from None
+    target = torch.device(device)
+    model.to(target)
+    model.eval()
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    revision_id = getattr(config, "_commit_hash", None) if not local_dir.is_dir() else None
+    if revision_id is None and local_dir.is_dir():
+        revision_id = directory_revision(local_dir)
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        device=target,
+        revision=revision_id or revision,
+        dtype=str(model.dtype).removeprefix("torch."),
+        context_length=int(context) if context else None,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+    )
+
+
+class ModelCache:
+    """The models this worker process keeps loaded, least recently used evicted first."""
+
+    def __init__(self, max_models: int = 1) -> None:
+        if max_models < 1:
+            raise ValueError("max_models must be at least 1")
+        self.max_models = max_models
+        self._models: OrderedDict[tuple[str, str | None, str, str], LoadedModel] = OrderedDict()
+
+    def get(self, name: str, revision: str | None, dtype: str | None,
+            device: str | None) -> LoadedModel:
+        key = (name, revision, dtype or "float32", normalize_device(device))
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        while len(self._models) >= self.max_models:
+            self._evict_oldest()
+        log.info("loading model %s (revision=%s, dtype=%s, device=%s)", *key)
+        loaded = load_model(name, revision, dtype, key[3])
+        self._models[key] = loaded
+        return loaded
+
+    def _evict_oldest(self) -> None:
+        key, loaded = self._models.popitem(last=False)
+        log.info("evicting model %s to make room", key[0])
+        on_cuda = loaded.device.type == "cuda"
+        del loaded
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def clear(self) -> None:
+        while self._models:
+            self._evict_oldest()
+
+    def __len__(self) -> int:
+        return len(self._models)

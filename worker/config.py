@@ -1,0 +1,25 @@
+"""Per-process worker options, from the environment that ``python -m worker`` sets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    max_models: int = 1
+    max_attempts: int = 3
+    deterministic: bool = False
+
+    @classmethod
+    def from_env(cls) -> WorkerOptions:
+        return cls(
+            max_models=int(os.environ.get("LOGPROBE_MAX_MODELS", "1")),
+            max_attempts=int(os.environ.get("LOGPROBE_MAX_ATTEMPTS", "3")),
+            deterministic=_env_flag("LOGPROBE_DETERMINISTIC"),
+        )

@@ -1,0 +1,110 @@
+"""HF generate probes: greedy or seeded sampling with per-token transition scores."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from api_client.errors import ProbeInputError
+from api_client.results import SequenceResult, TokenLogprob
+from api_client.specs import GenerateSpec
+
+from .base import ProbeOutput
+from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
+from .hf_models import LoadedModel
+
+
+def pick_seed() -> int:
+    """A fresh seed for a sampled job that named none (recorded so it can be replayed)."""
+    return secrets.randbelow(2**31)
+
+
+
+def generation_config(lm: LoadedModel, spec: GenerateSpec) -> GenerationConfig:
+    """Exactly the decoding the spec asks for, ignoring the model's own defaults
+    (Llama-2's generation_config.json turns sampling on, for instance)."""
+    eos = lm.eos_token_id
+    options: dict[str, Any] = {
+        "max_new_tokens": spec.max_new_tokens,
+        "do_sample": spec.do_sample,
+        "num_return_sequences": spec.num_return_sequences,
+        "eos_token_id": eos,
+        "pad_token_id": lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None
+        else eos,
+        "bos_token_id": lm.bos_token_id,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
+    if spec.do_sample:
+        options.update(
+            temperature=spec.temperature if spec.temperature is not None else 1.0,
+            top_k=spec.top_k if spec.top_k is not None else 0,
+            top_p=spec.top_p if spec.top_p is not None else 1.0,
+        )
+    return GenerationConfig(**options)
+
+
+def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
+    prompt_ids = lm.tokenizer(spec.prompt)["input_ids"]
+    if not prompt_ids:
+        raise ProbeInputError("the prompt encodes to no tokens; pass a non-empty prompt")
+    check_ids(lm, prompt_ids, "the prompt", extra=spec.max_new_tokens)
+    seed = (spec.seed if spec.seed is not None else pick_seed()) if spec.do_sample else None
+    prompt_tokens = tuple(text_logprobs(lm, prompt_ids, spec.top_logprobs))
+
+    input_ids = torch.tensor([prompt_ids], device=lm.device)
+    config = generation_config(lm, spec)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = lm.model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+        )
+        scores = tuple(s.float() for s in out.scores)
+        transition = lm.model.compute_transition_scores(
+            out.sequences, scores, normalize_logits=True
+        )
+        step_logprobs = [torch.log_softmax(s, dim=-1) for s in scores]
+
+    n_prompt = len(prompt_ids)
+    eos = lm.eos_token_id
+    sequences = []
+    for r in range(out.sequences.shape[0]):
+        generated = out.sequences[r, n_prompt:].tolist()
+        finish = "length"
+        if eos is not None and eos in generated:
+            generated = generated[: generated.index(eos) + 1]
+            finish = "stop"
+        steps = len(generated)
+        logprobs = transition[r, :steps].tolist()
+        step_alternatives = top_alternatives(
+            lm, torch.stack([step_logprobs[t][r] for t in range(steps)]), spec.top_logprobs
+        ) if steps else []
+        texts = decode_each(lm, generated)
+        tokens = tuple(
+            TokenLogprob(
+                position=n_prompt + t,
+                token_id=generated[t],
+                token=texts[t],
+                logprob=logprobs[t],
+                generated=True,
+                top_logprobs=step_alternatives[t],
+            )
+            for t in range(steps)
+        )
+        sequences.append(
+            SequenceResult(
+                index=r,
+                text=lm.tokenizer.decode(generated, skip_special_tokens=True),
+                tokens=tokens,
+                prompt_tokens=prompt_tokens,
+                finish_reason=finish,
+            )
+        )
+    return ProbeOutput(
+        sequences=sequences,
+        provenance={**lm.provenance(), "seed": seed, "batch_size": 1},
+    )

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, delete, text
+from sqlalchemy import Engine, delete, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from .broker import make_celery
@@ -15,9 +15,11 @@ from .constants import TASK_RUN_PROBES, default_queue
 from .database import ensure_schema, make_engine, make_sessionmaker
 from .errors import ConfigError
 from .jobs import JobHandle
+from .reuse import spec_hash
 from .schema import Job, JobStatus
 from .settings import Settings
 from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
+from .sweeps import DEFAULT_CHUNK_SIZE, SweepHandle, chunk_messages, sweep_specs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,9 +44,12 @@ class Client:
         *,
         home: str | None = None,
         queue: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         #: Where submissions go when a call names no queue (default: logprobe.<backend>).
         self.queue = queue
+        #: Most jobs per broker message when many are submitted together (see sweeps.py).
+        self.chunk_size = chunk_size
         self.settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
                                           home=home)
         self._engine: Engine | None = None
@@ -99,50 +104,57 @@ class Client:
         return self.submit_many([spec], queue=queue)[0]
 
     def submit_many(
-        self, specs: Iterable[AnySpec | dict[str, Any]], *, queue: str | None = None
+        self, specs: Iterable[AnySpec | dict[str, Any]], *, queue: str | None = None,
+        chunk_size: int | None = None, sweep_id: str | None = None,
     ) -> list[JobHandle]:
         """Validate every spec, write the job rows in one transaction, then enqueue.
 
+        Jobs go to the broker ``chunk_size`` (default ``self.chunk_size``) to a
+        message, grouped by queue and model, so a worker can batch them.
         Nothing is written if any spec is invalid (:class:`SpecError`). If the
         broker cannot be reached, the rows are removed again and the error raised.
         """
         parsed = [parse_spec(s) for s in specs]
         now = datetime.now(timezone.utc)
         rows = [
-            Job(
-                id=uuid.uuid4().hex,
-                kind=spec.kind,
-                backend=spec.backend,
-                model=spec.model,
-                status=JobStatus.QUEUED,
-                spec=spec.model_dump(mode="json"),
-                queue=queue or self.queue or default_queue(spec.backend),
-                seed=getattr(spec, "seed", None),
-                created_at=now,
-            )
+            {
+                "id": uuid.uuid4().hex,
+                "kind": spec.kind,
+                "backend": spec.backend,
+                "model": spec.model,
+                "status": JobStatus.QUEUED,
+                "spec": spec.model_dump(mode="json"),
+                "queue": queue or self.queue or default_queue(spec.backend),
+                "seed": getattr(spec, "seed", None),
+                "created_at": now,
+                "sweep_id": sweep_id,
+                "spec_hash": spec_hash(spec),
+            }
             for spec in parsed
         ]
+        if not rows:
+            return []
         with self.session() as session, session.begin():
-            session.add_all(rows)
+            session.execute(insert(Job), rows)
         try:
-            self._enqueue(rows)
+            self._enqueue(rows, chunk_size or self.chunk_size)
         except Exception as exc:
             with self.session() as session, session.begin():
-                session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))
+                session.execute(delete(Job).where(Job.id.in_([r["id"] for r in rows])))
             raise ConfigError(
                 f"could not send the jobs to the broker at "
                 f"{self.settings.redis_url or 'the embedded Redis'}: {exc}; "
                 "check LOGPROBE_REDIS_URL and that Redis is running"
             ) from exc
-        return [JobHandle(self, row.id) for row in rows]
+        return [JobHandle(self, row["id"]) for row in rows]
 
-    def _enqueue(self, rows: Sequence[Job]) -> None:
+    def _enqueue(self, rows: Sequence[dict[str, Any]], chunk_size: int = 1) -> None:
         with self.celery.producer_or_acquire() as producer:
-            for row in rows:
+            for queue_name, items in chunk_messages(rows, chunk_size):
                 self.celery.send_task(
                     TASK_RUN_PROBES,
-                    args=[{"jobs": [{"id": row.id, "spec": row.spec}]}],
-                    queue=row.queue,
+                    args=[{"jobs": items}],
+                    queue=queue_name,
                     producer=producer,
                 )
 
@@ -191,7 +203,34 @@ class Client:
                          do_sample=do_sample, backend=backend, **options)
         return self.submit(spec, queue=queue)
 
+    def sweep(
+        self,
+        texts: Iterable[str],
+        *,
+        models: Iterable[str],
+        seeds: Iterable[int] | None = None,
+        kind: str | None = None,
+        queue: str | None = None,
+        chunk_size: int | None = None,
+        **probe_options: Any,
+    ) -> SweepHandle:
+        """Submit the cross product texts x models (x seeds) as one sweep.
+
+        ``kind`` is ``"score"`` (the default) or ``"generate"`` (the default when
+        ``seeds`` are given: each seed is one sampled generation, ``do_sample=True``).
+        ``probe_options`` are the remaining spec fields, the same for every job.
+        Every job row gets the sweep's ``sweep_id``; returns at once.
+        """
+        sweep_id = uuid.uuid4().hex
+        specs = sweep_specs(texts, models=models, seeds=seeds, kind=kind, **probe_options)
+        jobs = self.submit_many(specs, queue=queue, chunk_size=chunk_size, sweep_id=sweep_id)
+        return SweepHandle(self, sweep_id, [job.id for job in jobs])
+
     # --- reading -----------------------------------------------------------------
+
+    def get_sweep(self, sweep_id: str) -> SweepHandle:
+        """A handle on an earlier sweep, by its id."""
+        return SweepHandle(self, sweep_id)
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)

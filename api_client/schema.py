@@ -86,6 +86,13 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(128))
 
+    # Throughput (docs/throughput.md): the sweep a job belongs to, a hash of its spec
+    # (less the reuse flag) for finding identical probes, and the finished job whose
+    # rows this one copied instead of recomputing.
+    sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    spec_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    reused_from: Mapped[str | None] = mapped_column(String(32))
+
     # Who and when.
     worker: Mapped[str | None] = mapped_column(String(256))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -40,6 +40,11 @@ class _ProbeBase(BaseModel):
         pattern=r"^(cpu|mps|cuda(:\d+)?)$",
         description="cpu, mps, cuda or cuda:N; None = the worker picks (cuda, mps, cpu)",
     )
+    reuse: bool | None = Field(
+        default=None,
+        description="answer from an identical finished job's rows instead of recomputing; "
+        "None = yes for score, greedy and seeded probes, no for unseeded sampling",
+    )
 
     @model_validator(mode="after")
     def check_local_model_exists(self) -> _ProbeBase:

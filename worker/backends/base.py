@@ -52,5 +52,11 @@ class Backend(ABC):
         logprobs as ``compute_transition_scores(..., normalize_logits=True)``.
         """
 
+    def identity(self, spec: AnySpec) -> dict[str, Any] | None:
+        """The job-row values besides the spec that decide this probe's result
+        (``model_revision``, ``dtype``, ``deterministic``), for result reuse; None
+        (the default) means results of this backend are never reused."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release models and connections."""

@@ -11,7 +11,9 @@ Score math lives in ``hf_score``, generation in ``hf_generate``, model loading i
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -20,7 +22,7 @@ from api_client.specs import ScoreSpec
 from .base import AnySpec, Backend, ProbeOutput
 from .hf_generate import generate
 from .hf_models import ModelCache
-from .hf_score import score
+from .hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score, score_batch
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,44 @@ class HFBackend(Backend):
         if deterministic:
             enable_determinism()
         self.models = ModelCache(max_models)
+        #: Score probes on the same model run batched within this many padded tokens.
+        self.batch_budget = BatchBudget(
+            tokens=int(os.environ.get("LOGPROBE_BATCH_TOKENS", DEFAULT_BATCH_TOKENS))
+        )
 
     def run(self, specs: Sequence[AnySpec]) -> list[ProbeOutput | Exception]:
-        outputs: list[ProbeOutput | Exception] = []
-        for spec in specs:
+        outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
+        score_groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, spec in enumerate(specs):
+            if isinstance(spec, ScoreSpec) and self.batch_budget.tokens > 0:
+                key = (spec.model, spec.revision, spec.dtype, spec.device)
+                score_groups.setdefault(key, []).append(index)
+        for indices in score_groups.values():
+            group = [specs[i] for i in indices]
             try:
-                outputs.append(self.run_one(spec))
+                lm = self.models.get(group[0].model, group[0].revision, group[0].dtype,
+                                     group[0].device)
+                results = score_batch(lm, group, self.batch_budget)  # type: ignore[arg-type]
+            except Exception as exc:  # e.g. the model does not load: fail the group
+                log.info("jobs failed: %s: %s", type(exc).__name__, exc)
+                results = [exc] * len(group)
+            for i, result in zip(indices, results, strict=True):
+                outputs[i] = result
+        for index, spec in enumerate(specs):
+            if outputs[index] is not None:
+                continue
+            try:
+                outputs[index] = self.run_one(spec)
             except Exception as exc:  # one bad job must not sink the others
                 log.info("job failed: %s: %s", type(exc).__name__, exc)
-                outputs.append(exc)
-        return outputs
+                outputs[index] = exc
+        return [out for out in outputs if out is not None]
+
+    def identity(self, spec: AnySpec) -> dict[str, Any] | None:
+        """What besides the spec decides the result: resolved revision, dtype, determinism."""
+        lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device)
+        return {"model_revision": lm.revision, "dtype": lm.dtype,
+                "deterministic": torch.are_deterministic_algorithms_enabled()}
 
     def run_one(self, spec: AnySpec) -> ProbeOutput:
         lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
 import torch
 
 from api_client.errors import ProbeInputError
-from api_client.results import SequenceResult
+from api_client.results import SequenceResult, TokenLogprob
 from api_client.specs import ScoreSpec
 
 from .base import ProbeOutput
-from .hf_common import check_ids, text_logprobs
+from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
 from .hf_models import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def score_ids(lm: LoadedModel, spec: ScoreSpec) -> list[int]:
@@ -45,4 +53,170 @@ def score(lm: LoadedModel, spec: ScoreSpec) -> ProbeOutput:
         sum_logprob=total,
         num_scored_tokens=len(scored),
         provenance={**lm.provenance(), "batch_size": 1},
+    )
+
+
+# --- batched scoring (docs/throughput.md) ---------------------------------------------
+
+#: Padded tokens per forward pass (batch size x longest text in the batch) unless the
+#: worker is told otherwise (``LOGPROBE_BATCH_TOKENS``); halved for the rest of the
+#: process each time a batch runs out of memory.
+DEFAULT_BATCH_TOKENS = 4096
+#: Most texts in one forward pass, however short they are.
+DEFAULT_MAX_BATCH = 64
+
+
+@dataclass
+class BatchBudget:
+    """How big a forward pass may be; shrinks when one runs out of memory."""
+
+    tokens: int = DEFAULT_BATCH_TOKENS
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices into ``lengths`` in batches: sorted by length (little padding), each
+        within the token budget (a text longer than the budget goes alone)."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            longest = lengths[i]  # sorted ascending: the newcomer is the longest
+            if current and (
+                (len(current) + 1) * longest > self.tokens or len(current) >= self.max_batch
+            ):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def run_with_backoff(
+    items: list[T], forward: Callable[[list[T]], list[R]], budget: BatchBudget
+) -> list[tuple[list[T], list[R] | BaseException]]:
+    """``forward(items)``; on out-of-memory, halve the batch (and the budget) and retry.
+
+    Returns ``(items, results)`` per sub-batch that ran, or ``(items, error)`` for a
+    single item that does not fit even alone.
+    """
+    try:
+        return [(items, forward(items))]
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) == 1:
+            return [(items, exc)]
+        half = len(items) // 2
+        budget.tokens = max(1, min(budget.tokens, budget.tokens // 2))
+        log.warning("out of memory on a batch of %d; retrying as %d + %d and lowering "
+                    "the token budget to %d", len(items), half, len(items) - half,
+                    budget.tokens)
+        return (run_with_backoff(items[:half], forward, budget)
+                + run_with_backoff(items[half:], forward, budget))
+
+
+def batch_token_logprobs(lm: LoadedModel, batch: list[list[int]],
+                         top_k: Sequence[int]) -> list[tuple[list[float], torch.Tensor | None]]:
+    """One right-padded forward pass over ``batch``; per text, the logprob of each
+    token after the first, and (where ``top_k`` asks) the full float32 log-softmax
+    rows for picking alternatives."""
+    longest = max(len(ids) for ids in batch)
+    pad = lm.eos_token_id if lm.eos_token_id is not None else 0
+    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
+    results: list[tuple[list[float], torch.Tensor | None]] = []
+    with torch.inference_mode():
+        logits = lm.model(input_ids=input_ids, attention_mask=mask).logits
+        for row, ids in enumerate(batch):
+            n = len(ids)
+            logprobs = torch.log_softmax(logits[row, : n - 1].float(), dim=-1)
+            token_lp = logprobs.gather(1, input_ids[row, 1:n, None])[:, 0].tolist()
+            results.append((token_lp, logprobs if top_k[row] else None))
+    return results
+
+
+def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
+                budget: BatchBudget | None = None) -> list[ProbeOutput | Exception]:
+    """Score many texts on one model in length-bucketed, padded batches.
+
+    Each output equals :func:`score` of its spec alone (float32, within 1e-5);
+    ``provenance["batch_size"]`` is the number of texts in the forward pass it ran in.
+    """
+    budget = budget or BatchBudget()
+    outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
+    prepared: list[tuple[int, list[int]]] = []
+    for index, spec in enumerate(specs):
+        try:
+            ids = score_ids(lm, spec)
+            check_ids(lm, ids, "the scored text")
+            prepared.append((index, ids))
+        except Exception as exc:
+            outputs[index] = exc
+    provenance = lm.provenance()
+    plan = budget.plan([len(ids) for _, ids in prepared])
+    for batch_indices in plan:
+        items = [prepared[i] for i in batch_indices]
+
+        def forward(part: list[tuple[int, list[int]]]) -> list[ProbeOutput]:
+            rows = batch_token_logprobs(
+                lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part]
+            )
+            return [
+                _score_output(lm, specs[i], ids, token_lp, logprobs, provenance, len(part))
+                for (i, ids), (token_lp, logprobs) in zip(part, rows, strict=True)
+            ]
+
+        for part, result in run_with_backoff(items, forward, budget):
+            for position, (index, _) in enumerate(part):
+                if isinstance(result, BaseException):
+                    outputs[index] = ProbeInputError(
+                        f"scoring this text ran out of memory even alone ({result}); "
+                        "shorten the text or run it on a larger device"
+                    )
+                else:
+                    outputs[index] = result[position]
+    return [out if out is not None else RuntimeError("not scored") for out in outputs]
+
+
+def _score_output(lm: LoadedModel, spec: ScoreSpec, ids: list[int], token_lp: list[float],
+                  logprobs: torch.Tensor | None, provenance: dict[str, Any],
+                  batch_size: int) -> ProbeOutput:
+    alternatives = ([(), *top_alternatives(lm, logprobs, spec.top_logprobs)]
+                    if logprobs is not None else None)
+    texts = decode_each(lm, ids)
+    tokens = tuple(
+        TokenLogprob(
+            position=i,
+            token_id=tid,
+            token=texts[i],
+            logprob=None if i == 0 else token_lp[i - 1],
+            generated=False,
+            top_logprobs=alternatives[i] if alternatives is not None else (),
+        )
+        for i, tid in enumerate(ids)
+    )
+    total = math.fsum(token_lp)
+    return ProbeOutput(
+        sequences=[SequenceResult(index=0, text=spec.text, tokens=tokens)],
+        loss=-total / len(token_lp),
+        sum_logprob=total,
+        num_scored_tokens=len(token_lp),
+        provenance={**provenance, "batch_size": batch_size},
     )

@@ -1,0 +1,168 @@
+"""Sweeps: the cross product of texts, models and seeds, submitted as one unit.
+
+A sweep is a set of job rows sharing a ``sweep_id`` (one SQL query selects it),
+sent to the broker in few messages: jobs of the same queue and model are packed
+``chunk_size`` to a message, so a worker claims and scores them as a batch.
+
+Chunk size trades batching against fairness. A message is one unit of work for
+one worker process (prefetch 1, acked when all its jobs are stored), so with W
+workers on a queue, N jobs spread over all of them only if ``chunk_size <= N / W``;
+and another user's jobs on the same queue wait at most one message per worker.
+The default (64) keeps a CPU or GPU batch full without holding minutes of work
+in one message; lower it for long generations or many workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from .errors import JobTimeout, SpecError
+from .jobs import JobHandle
+from .results import ProbeResult, read_result
+from .schema import Job, JobStatus
+from .specs import GenerateSpec, ScoreSpec, make_spec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .client import Client
+
+#: Most jobs per broker message when submitting many (``Client(chunk_size=...)``).
+DEFAULT_CHUNK_SIZE = 64
+
+_MAX_POLL_INTERVAL = 0.5
+
+
+def chunk_messages(
+    rows: Sequence[dict[str, Any]], chunk_size: int
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """``(queue, [{"id", "spec"}, ...])`` per message: same queue and model, in order."""
+    if chunk_size < 1:
+        raise SpecError(f"chunk_size must be at least 1, got {chunk_size}")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["queue"], row["model"]), []).append(
+            {"id": row["id"], "spec": row["spec"]}
+        )
+    for (queue, _model), items in groups.items():
+        for start in range(0, len(items), chunk_size):
+            yield queue, items[start : start + chunk_size]
+
+
+def sweep_specs(
+    texts: Iterable[str],
+    *,
+    models: Iterable[str],
+    seeds: Iterable[int] | None = None,
+    kind: str | None = None,
+    **options: Any,
+) -> list[ScoreSpec | GenerateSpec]:
+    """Validated specs for every (model, text[, seed]), models outermost."""
+    texts, models = list(texts), list(models)
+    seed_list = None if seeds is None else list(seeds)
+    kind = kind or ("generate" if seed_list is not None else "score")
+    if not texts:
+        raise SpecError("texts: a sweep needs at least one text")
+    if not models:
+        raise SpecError("models: a sweep needs at least one model")
+    if kind not in ("score", "generate"):
+        raise SpecError(f"kind: must be 'score' or 'generate', not {kind!r}")
+    if seed_list is not None and kind == "score":
+        raise SpecError("seeds: scoring is deterministic and takes no seed; drop seeds or "
+                        "pass kind='generate'")
+    if seed_list is not None and not seed_list:
+        raise SpecError("seeds: give at least one seed, or None")
+    field = "text" if kind == "score" else "prompt"
+    if seed_list is not None:
+        options.setdefault("do_sample", True)
+    specs: list[ScoreSpec | GenerateSpec] = []
+    for model, text in itertools.product(models, texts):
+        for seed in seed_list if seed_list is not None else [None]:
+            specs.append(make_spec(kind, model=model, seed=seed, **{field: text}, **options))
+    return specs
+
+
+class SweepHandle:
+    """The jobs of one sweep: progress, wait, results. Every query goes to SQL."""
+
+    def __init__(self, client: Client, sweep_id: str, job_ids: Sequence[str] | None = None):
+        self.client = client
+        self.id = sweep_id
+        self._job_ids = list(job_ids) if job_ids is not None else None
+
+    def __repr__(self) -> str:
+        return f"SweepHandle({self.id!r})"
+
+    def __len__(self) -> int:
+        return len(self.job_ids)
+
+    @property
+    def job_ids(self) -> list[str]:
+        """The sweep's job ids: in submission order (models, then texts, then seeds) on
+        the handle ``Client.sweep`` returned; by id on one from ``Client.get_sweep``."""
+        if self._job_ids is None:
+            with self.client.session() as session:
+                self._job_ids = list(session.scalars(
+                    select(Job.id).where(Job.sweep_id == self.id)
+                    .order_by(Job.created_at, Job.id)
+                ))
+        return self._job_ids
+
+    def jobs(self) -> list[JobHandle]:
+        return [JobHandle(self.client, job_id) for job_id in self.job_ids]
+
+    def progress(self) -> dict[str, int]:
+        """Jobs per status, plus ``total`` and ``finished``."""
+        with self.client.session() as session:
+            counts = dict(session.execute(
+                select(Job.status, func.count()).where(Job.sweep_id == self.id)
+                .group_by(Job.status)
+            ).tuples().all())
+        result = {status.value: int(counts.get(status, 0)) for status in JobStatus}
+        result["total"] = sum(result.values())
+        result["finished"] = sum(result[s.value] for s in JobStatus if s.finished)
+        return result
+
+    def wait(self, timeout: float | None = None) -> dict[str, int]:
+        """Block until every job of the sweep has finished; returns :meth:`progress`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = 0.02
+        while True:
+            progress = self.progress()
+            if progress["finished"] >= progress["total"]:
+                return progress
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(
+                    f"sweep {self.id}: {progress['finished']} of {progress['total']} jobs "
+                    f"finished after {timeout:g}s; wait longer, or check that workers "
+                    "serve the sweep's queue"
+                )
+            time.sleep(interval)
+            interval = min(interval * 1.5, _MAX_POLL_INTERVAL)
+
+    def results(self, timeout: float | None = None) -> list[ProbeResult | None]:
+        """Every job's result in submission order; None for a job that failed or was
+        cancelled (its ``jobs.error`` says why)."""
+        self.wait(timeout)
+        out: list[ProbeResult | None] = []
+        with self.client.session() as session:
+            jobs = {job.id: job for job in session.scalars(
+                select(Job).where(Job.sweep_id == self.id))}
+            for job_id in self.job_ids:
+                job = jobs[job_id]
+                out.append(read_result(session, job)
+                           if job.status is JobStatus.SUCCEEDED else None)
+        return out
+
+    def frame(self) -> pd.DataFrame:
+        """The sweep's job rows (id, model, status, loss, seed, ...) as a DataFrame."""
+        return self.client.sql(
+            "SELECT id, model, kind, status, loss, sum_logprob, num_scored_tokens, seed, "
+            "batch_size, reused_from, error FROM jobs WHERE sweep_id = :s ORDER BY created_at, id",
+            {"s": self.id},
+        )

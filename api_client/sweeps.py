@@ -119,10 +119,10 @@ class SweepHandle:
     def progress(self) -> dict[str, int]:
         """Jobs per status, plus ``total`` and ``finished``."""
         with self.client.session() as session:
-            counts = dict(session.execute(
+            counts: dict[JobStatus, int] = dict(session.execute(  # type: ignore[arg-type]
                 select(Job.status, func.count()).where(Job.sweep_id == self.id)
                 .group_by(Job.status)
-            ).tuples().all())
+            ).all())
         result = {status.value: int(counts.get(status, 0)) for status in JobStatus}
         result["total"] = sum(result.values())
         result["finished"] = sum(result[s.value] for s in JobStatus if s.finished)

@@ -1,0 +1,257 @@
+"""Throughput features through a real worker: batched scoring, sweeps, result reuse,
+bulk writes. Each worker test runs on SQLite and PostgreSQL (the module's worker is
+parametrized), on tiny GPT-2 and LLaMA models built offline. Benchmarks live in
+``bench/``, not here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from functools import cache
+
+import pytest
+import torch
+from sqlalchemy import insert, select
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from api_client import JobStatus, SpecError
+from api_client.database import make_engine, make_sessionmaker
+from api_client.results import Alternative, SequenceResult, TokenLogprob
+from api_client.schema import Job, Token, TopLogprob
+from api_client.schema import Sequence as SequenceRow
+from api_client.sweeps import chunk_messages, sweep_specs
+from worker.backends.base import ProbeOutput
+from worker.backends.hf_score import BatchBudget, run_with_backoff
+from worker.bulk_persistence import claim_many, store_outputs
+
+TOL = 1e-5
+# Different lengths (2 to ~90 tokens) so that batches are padded.
+TEXTS = [
+    "Hi there",
+    "Finn writes code",
+    "The quick brown fox jumps over the lazy dog while the farmer watches.",
+    "A " + "very " * 40 + "long sentence about nothing in particular, padded on purpose.",
+    "Logprobs, losses and top-k alternatives: all of them per token, in float32.",
+    "Short one.",
+]
+
+
+@cache
+def reference(path: str) -> tuple[object, object]:
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def reference_logprobs(path: str, text: str) -> tuple[list[int], torch.Tensor]:
+    model, tok = reference(path)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return ids, torch.log_softmax(logits[:-1], dim=-1)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model_path(request: pytest.FixtureRequest, tiny_models: dict) -> str:
+    return str(tiny_models[request.param])
+
+
+# --- batched scoring ------------------------------------------------------------------
+
+def test_batched_scoring_matches_each_text_alone(client, model_path: str) -> None:
+    jobs = client.score_many(TEXTS, model=model_path, top_logprobs=3)
+    results = [job.result(timeout=120) for job in jobs]
+
+    batch_sizes = [job.info()["batch_size"] for job in jobs]
+    assert max(batch_sizes) > 1, "the texts of one message should share a forward pass"
+    assert all(size >= 1 for size in batch_sizes)
+    for text, res in zip(TEXTS, results, strict=True):
+        ids, logprobs = reference_logprobs(model_path, text)
+        assert [t.token_id for t in res.tokens] == ids
+        assert res.tokens[0].logprob is None
+        got = torch.tensor([t.logprob for t in res.tokens[1:]])
+        want = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(got, want, atol=TOL, rtol=0)
+        assert res.loss == pytest.approx(-want.double().mean().item(), abs=TOL)
+        for i, token in enumerate(res.tokens[1:]):
+            top = torch.topk(logprobs[i], 3)
+            assert [a.token_id for a in token.top_logprobs] == top.indices.tolist()
+            assert [a.logprob for a in token.top_logprobs] == pytest.approx(
+                top.values.tolist(), abs=TOL)
+
+
+def test_out_of_memory_halves_the_batch() -> None:
+    calls: list[int] = []
+
+    def forward(items: list[int]) -> list[int]:
+        calls.append(len(items))
+        if len(items) > 2 or 99 in items:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return [i * 10 for i in items]
+
+    budget = BatchBudget(tokens=1024)
+    parts = run_with_backoff([1, 2, 3, 4, 5, 99], forward, budget)
+    assert calls[0] == 6 and budget.tokens < 1024
+    done = {i: r for items, res in parts if not isinstance(res, BaseException)
+            for i, r in zip(items, res, strict=True)}
+    assert done == {1: 10, 2: 20, 3: 30, 4: 40, 5: 50}
+    failed = [items for items, res in parts if isinstance(res, BaseException)]
+    assert failed == [[99]]
+    with pytest.raises(ValueError):  # anything else is not retried
+        run_with_backoff([1], lambda items: (_ for _ in ()).throw(ValueError("bad")), budget)
+
+
+def test_budget_plans_length_buckets() -> None:
+    lengths = [50, 3, 48, 4, 100, 5]
+    plan = BatchBudget(tokens=150, max_batch=8).plan(lengths)
+    assert sorted(i for batch in plan for i in batch) == list(range(6))
+    for batch in plan:
+        assert len(batch) * max(lengths[i] for i in batch) <= 150 or len(batch) == 1
+    assert plan[0] == [1, 3, 5]  # the short texts together
+
+
+# --- sweeps -----------------------------------------------------------------------------
+
+def test_sweep_cross_product_in_sql(client, tiny_gpt2: str, tiny_llama: str) -> None:
+    texts = ["alpha beta gamma", "one two three four", "the end"]
+    sweep = client.sweep(texts, models=[tiny_gpt2, tiny_llama], top_logprobs=2)
+    assert len(sweep) == 6
+    progress = sweep.wait(timeout=120)
+    assert progress["total"] == 6 and progress["succeeded"] == 6
+    frame = client.sql("SELECT model, spec, status FROM jobs WHERE sweep_id = :s",
+                       {"s": sweep.id})
+    assert len(frame) == 6
+    pairs = {(row.model, (row.spec if isinstance(row.spec, dict) else __import__("json")
+                          .loads(row.spec))["text"]) for row in frame.itertuples()}
+    assert pairs == {(m, t) for m in (tiny_gpt2, tiny_llama) for t in texts}
+    results = sweep.results()
+    assert all(r is not None and r.loss > 0 for r in results)
+    assert [r.model for r in results] == [tiny_gpt2] * 3 + [tiny_llama] * 3
+    again = client.get_sweep(sweep.id)
+    assert sorted(again.job_ids) == sorted(sweep.job_ids)
+    assert again.progress()["finished"] == 6
+
+
+def test_generate_sweep_over_seeds(client, tiny_gpt2: str) -> None:
+    sweep = client.sweep(["Once upon", "In the"], models=[tiny_gpt2], seeds=[1, 2, 3],
+                         max_new_tokens=3)
+    results = sweep.results(timeout=120)
+    assert len(results) == 6
+    assert [r.seed for r in results] == [1, 2, 3, 1, 2, 3]
+    count = client.sql("SELECT COUNT(*) AS n FROM jobs WHERE sweep_id = :s AND kind = 'generate'",
+                       {"s": sweep.id}).iloc[0]["n"]
+    assert count == 6
+
+
+def test_sweep_refuses_bad_input(tiny_gpt2: str) -> None:
+    with pytest.raises(SpecError, match="seeds"):
+        sweep_specs(["x y"], models=[tiny_gpt2], seeds=[1], kind="score")
+    with pytest.raises(SpecError, match="models"):
+        sweep_specs(["x y"], models=[])
+    with pytest.raises(SpecError, match="top_logprobs"):
+        sweep_specs(["x y"], models=[tiny_gpt2], top_logprobs=99)
+
+
+def test_jobs_are_chunked_per_queue_and_model() -> None:
+    rows = [{"id": str(i), "spec": {}, "queue": "q", "model": "a" if i % 3 else "b"}
+            for i in range(130)]
+    messages = list(chunk_messages(rows, 32))
+    assert sum(len(items) for _, items in messages) == 130
+    assert all(len(items) <= 32 for _, items in messages)
+    assert len(messages) == 3 + 2  # 86 jobs of model a, 44 of model b
+    ids = [item["id"] for _, items in messages for item in items]
+    assert sorted(ids, key=int) == [str(i) for i in range(130)]
+
+
+# --- result reuse -----------------------------------------------------------------------
+
+def test_identical_score_is_reused_not_recomputed(client, tiny_gpt2: str) -> None:
+    text = f"reuse me {uuid.uuid4().hex[:6]}"
+    first = client.score(text, model=tiny_gpt2, top_logprobs=2)
+    original = first.result(timeout=120)
+    # Mark the stored result: a recomputation could not produce this loss.
+    with client.session() as session, session.begin():
+        session.get(Job, first.id).loss = 123.0
+
+    second = client.score(text, model=tiny_gpt2, top_logprobs=2)
+    reused = second.result(timeout=120)
+    assert second.info()["reused_from"] == first.id
+    assert reused.loss == 123.0
+    assert reused.tokens == original.tokens
+
+    fresh = client.score(text, model=tiny_gpt2, top_logprobs=2, reuse=False)
+    recomputed = fresh.result(timeout=120)
+    assert fresh.info()["reused_from"] is None
+    assert recomputed.loss == pytest.approx(original.loss, abs=TOL)
+
+
+def test_reuse_defaults_for_sampling(client, tiny_gpt2: str) -> None:
+    prompt = f"Sample {uuid.uuid4().hex[:6]}"
+    opts = dict(model=tiny_gpt2, max_new_tokens=4, do_sample=True)
+    seeded = [client.generate(prompt, seed=7, **opts) for _ in range(2)]
+    for job in seeded:
+        job.result(timeout=120)
+    assert seeded[1].info()["reused_from"] == seeded[0].id
+    unseeded = [client.generate(prompt, **opts) for _ in range(2)]
+    for job in unseeded:
+        job.result(timeout=120)
+    assert [job.info()["reused_from"] for job in unseeded] == [None, None]
+    # The same probe twice in one message: computed once.
+    twins = client.score_many([prompt, prompt], model=tiny_gpt2)
+    results = [job.result(timeout=120) for job in twins]
+    assert twins[1].info()["reused_from"] == twins[0].id
+    assert results[0].tokens == results[1].tokens
+
+
+# --- bulk writes ------------------------------------------------------------------------
+
+def _output(n_tokens: int, top_k: int, salt: int) -> ProbeOutput:
+    tokens = tuple(
+        TokenLogprob(position=i, token_id=salt + i, token=f"tok'\t\\{i}\n", logprob=None if i == 0
+                     else -0.125 * i - salt, top_logprobs=tuple(
+                         Alternative(token_id=r, token=f"alt{r}", logprob=-1.5 * r)
+                         for r in range(top_k)))
+        for i in range(n_tokens)
+    )
+    return ProbeOutput(sequences=[SequenceResult(index=0, text=f"text {salt}", tokens=tokens)],
+                       loss=1.0 + salt, sum_logprob=-2.0, num_scored_tokens=n_tokens - 1,
+                       provenance={"batch_size": 3, "dtype": "float32"})
+
+
+def test_bulk_store_writes_exactly_the_rows(database_url: str) -> None:
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    with sessions() as session, session.begin():
+        session.execute(insert(Job), [
+            {"id": i, "kind": "score", "backend": "hf", "model": "m", "status": JobStatus.QUEUED,
+             "spec": {}, "queue": "q"} for i in ids])
+    with sessions() as session:
+        assert claim_many(session, ids, "w") == ids
+    outputs = [(ids[0], _output(5, 2, 0)), (ids[1], _output(7, 0, 1)),
+               (ids[2], _output(3, 3, 2))]
+    with sessions() as session:
+        assert store_outputs(session, outputs) == ids
+    with sessions() as session:  # idempotent: finished jobs are not written again
+        assert store_outputs(session, outputs) == []
+        assert claim_many(session, ids, "w") == []
+
+    with sessions() as session:
+        got = session.execute(select(Token.job_id, Token.position, Token.token_id, Token.token,
+                                     Token.logprob, Token.generated)
+                              .order_by(Token.job_id, Token.position)).all()
+        want = sorted((job_id, t.position, t.token_id, t.token, t.logprob, False)
+                      for job_id, out in outputs for t in out.sequences[0].tokens)
+        assert [tuple(r) for r in got] == want
+        alts = session.execute(select(TopLogprob.job_id, TopLogprob.position, TopLogprob.rank,
+                                      TopLogprob.token, TopLogprob.logprob)
+                               .order_by(TopLogprob.job_id, TopLogprob.position,
+                                         TopLogprob.rank)).all()
+        assert [tuple(r) for r in alts] == sorted(
+            (job_id, t.position, r, a.token, a.logprob) for job_id, out in outputs
+            for t in out.sequences[0].tokens for r, a in enumerate(t.top_logprobs))
+        assert session.scalar(select(SequenceRow.num_tokens).where(
+            SequenceRow.job_id == ids[1])) == 7
+        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids)))}
+        assert [jobs[i].status for i in ids] == [JobStatus.SUCCEEDED] * 3
+        assert [jobs[i].loss for i in ids] == [1.0, 2.0, 3.0]
+        assert {jobs[i].batch_size for i in ids} == {3}
+    engine.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -132,7 +133,12 @@ def batch_token_logprobs(lm: LoadedModel, batch: list[list[int]],
                          top_k: Sequence[int]) -> list[tuple[list[float], torch.Tensor | None]]:
     """One right-padded forward pass over ``batch``; per text, the logprob of each
     token after the first, and (where ``top_k`` asks) the full float32 log-softmax
-    rows for picking alternatives."""
+    rows for picking alternatives.
+
+    A token's logprob is ``logit[token] - logsumexp(logits)`` in float32, which is
+    ``log_softmax(logits)[token]`` without writing out the vocabulary-sized rows
+    (they are only materialised for texts that want top-k alternatives).
+    """
     longest = max(len(ids) for ids in batch)
     pad = lm.eos_token_id if lm.eos_token_id is not None else 0
     input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
@@ -143,12 +149,14 @@ def batch_token_logprobs(lm: LoadedModel, batch: list[list[int]],
     input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
     results: list[tuple[list[float], torch.Tensor | None]] = []
     with torch.inference_mode():
-        logits = lm.model(input_ids=input_ids, attention_mask=mask).logits
+        logits = lm.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        targets = input_ids[:, 1:, None]
+        picked = logits.gather(2, targets)[..., 0]
+        token_lp = (picked - torch.logsumexp(logits, dim=-1)).cpu()
         for row, ids in enumerate(batch):
             n = len(ids)
-            logprobs = torch.log_softmax(logits[row, : n - 1].float(), dim=-1)
-            token_lp = logprobs.gather(1, input_ids[row, 1:n, None])[:, 0].tolist()
-            results.append((token_lp, logprobs if top_k[row] else None))
+            rows = (torch.log_softmax(logits[row, : n - 1], dim=-1) if top_k[row] else None)
+            results.append((token_lp[row, : n - 1].tolist(), rows))
     return results
 
 
@@ -195,12 +203,26 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
     return [out if out is not None else RuntimeError("not scored") for out in outputs]
 
 
+#: Per tokenizer, each token id's text as ``tokenizer.decode([id])`` gives it.
+_TOKEN_TEXTS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def token_texts(lm: LoadedModel, ids: Sequence[int]) -> list[str]:
+    """:func:`decode_each`, remembering every token decoded before (tiny probes
+    would otherwise spend a good part of their time in the tokenizer)."""
+    cache = _TOKEN_TEXTS.setdefault(lm.tokenizer, {})
+    missing = sorted({i for i in ids if i not in cache})
+    if missing:
+        cache.update(zip(missing, decode_each(lm, missing), strict=True))
+    return [cache[i] for i in ids]
+
+
 def _score_output(lm: LoadedModel, spec: ScoreSpec, ids: list[int], token_lp: list[float],
                   logprobs: torch.Tensor | None, provenance: dict[str, Any],
                   batch_size: int) -> ProbeOutput:
     alternatives = ([(), *top_alternatives(lm, logprobs, spec.top_logprobs)]
                     if logprobs is not None else None)
-    texts = decode_each(lm, ids)
+    texts = token_texts(lm, ids)
     tokens = tuple(
         TokenLogprob(
             position=i,

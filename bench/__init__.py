@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): ``python -m bench.throughput``; see docs/throughput.md."""

@@ -1,0 +1,434 @@
+"""``python -m bench.throughput``: logprobe's scoring throughput against the usual ways.
+
+One run, same texts, same model (a 124M GPT-2-shaped model, ``GPT2Config()``
+defaults, random weights, the offline GPT-2 tokenizer), every method scoring the
+same tokens (BOS prepended, every text token scored):
+
+- bare batched forward: ``model(input_ids, attention_mask)`` on logprobe's own
+  length-bucketed batches, nothing else (the ceiling);
+- notebook loop: one ``model(ids, labels=ids)`` per text, then a log-softmax;
+- lm-evaluation-harness ``HFLM.loglikelihood_rolling`` at several batch sizes;
+- logprobe end to end: ``score_many`` -> Redis -> a real worker -> every token row
+  committed in PostgreSQL.
+
+Methods run interleaved, ``--repeats`` rounds; the table shows medians. Then tiny
+probes (a 2-layer model, <= 16 tokens) end to end against a trivial Celery task
+per probe, the worker's memory over a long sweep, and PostgreSQL row ingestion.
+Needs Redis and PostgreSQL (URLs below); writes nothing outside temp dirs and its
+own throwaway database. See docs/throughput.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.corpus import paragraphs, tiny_texts
+
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- models -----------------------------------------------------------------------------
+
+def build_gpt2_124m(path: Path, seed: int = 0) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.tiny_models import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# --- the baselines, in this process -------------------------------------------------------
+
+def notebook_loop(model: Any, id_lists: list[list[int]]) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for ids in id_lists:
+            x = torch.tensor([ids])
+            out = model(x, labels=x)
+            logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+            total += logprobs.gather(1, x[0, 1:, None]).sum().item()
+    return total
+
+
+def bare_batched_forward(model: Any, id_lists: list[list[int]], plan: list[list[int]],
+                         pad: int) -> None:
+    with torch.inference_mode():
+        for batch in plan:
+            rows = [id_lists[i] for i in batch]
+            longest = max(len(r) for r in rows)
+            x = torch.full((len(rows), longest), pad, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for r, ids in enumerate(rows):
+                x[r, : len(ids)] = torch.tensor(ids)
+                mask[r, : len(ids)] = 1
+            model(input_ids=x, attention_mask=mask)
+
+
+def lm_eval_rolling(lm: Any, texts: list[str]) -> float:
+    from lm_eval.api.instance import Instance
+
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                for i, t in enumerate(texts)]
+    return sum(lm.loglikelihood_rolling(requests, disable_tqdm=True))
+
+
+# --- logprobe end to end ----------------------------------------------------------------
+
+def wait_all_succeeded(client: Any, job_ids: list[str], timeout: float = 3600) -> None:
+    from sqlalchemy import func, select
+
+    from api_client.schema import Job, JobStatus
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with client.session() as session:
+            done = session.scalar(select(func.count()).select_from(Job).where(
+                Job.id.in_(job_ids), Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED])))
+        if done >= len(job_ids):
+            with client.session() as session:
+                failed = session.scalars(select(Job.error).where(
+                    Job.id.in_(job_ids), Job.status == JobStatus.FAILED)).all()
+            if failed:
+                raise RuntimeError(f"{len(failed)} jobs failed, e.g. {failed[0]}")
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{done}/{len(job_ids)} jobs done after {timeout}s")
+        time.sleep(0.01)
+
+
+def logprobe_end_to_end(client: Any, texts: list[str], model_dir: str,
+                        expected_rows: int) -> None:
+    from sqlalchemy import func, select
+
+    from api_client.schema import Token
+
+    jobs = client.score_many(texts, model=model_dir, prepend_bos=True, reuse=False)
+    ids = [j.id for j in jobs]
+    wait_all_succeeded(client, ids)
+    with client.session() as session:
+        rows = session.scalar(select(func.count()).select_from(Token).where(Token.job_id.in_(ids)))
+    assert rows == expected_rows, (rows, expected_rows)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def rss_of_children(pid: int) -> int:
+    import psutil
+
+    children = psutil.Process(pid).children(recursive=True)
+    return sum(c.memory_info().rss for c in children)
+
+
+def start_worker(kind: str, queue: str, redis_url: str, database_url: str, log_dir: Path,
+                 **env: str) -> Any:
+    from tests.helpers import WorkerProcess
+
+    worker = WorkerProcess(backend=kind, queue=queue, redis_url=redis_url,
+                           database_url=database_url, log_dir=log_dir, env=env)
+    return worker.start(timeout=180)
+
+
+# --- sections -----------------------------------------------------------------------------
+
+def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: str) -> None:
+    from api_client import Client
+    from api_client.specs import ScoreSpec
+    from worker.backends.hf_models import load_model
+    from worker.backends.hf_score import BatchBudget, score_batch
+    from worker.bulk_persistence import claim_many, store_outputs
+
+    texts = paragraphs(args.texts)
+    model_dir = str(build_gpt2_124m(tmp / "gpt2-124m"))
+    lm = load_model(model_dir, None, None, "cpu")
+    model, tok = lm.model, lm.tokenizer
+    bos = lm.bos_token_id
+    id_lists = [[bos, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    n_tokens = sum(len(ids) - 1 for ids in id_lists)
+    log(f"{len(texts)} texts, {n_tokens} scored tokens, torch threads {torch.get_num_threads()}")
+    budget = BatchBudget(tokens=int(os.environ.get("LOGPROBE_BATCH_TOKENS", 4096)))
+    plan = budget.plan([len(ids) for ids in id_lists])
+
+    worker = start_worker("hf", f"bench.hf.{uuid.uuid4().hex[:6]}", redis_url, db_url,
+                          tmp / "logs")
+    client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
+    try:
+        client.score(texts[0], model=model_dir).result(timeout=600)  # load the model
+        methods: dict[str, Callable[[], Any]] = {
+            "bare batched forward (logits only)":
+                lambda: bare_batched_forward(model, id_lists, plan, bos),
+            "notebook loop (model(ids, labels=ids) + log_softmax)":
+                lambda: notebook_loop(model, id_lists),
+        }
+        if not args.skip_lm_eval:
+            from lm_eval.models.huggingface import HFLM
+
+            for size in args.lm_eval_batch_sizes:
+                hflm = HFLM(pretrained=model, tokenizer=tok, batch_size=size, device="cpu")
+                methods[f"lm-eval loglikelihood_rolling, batch {size}"] = (
+                    lambda hflm=hflm: lm_eval_rolling(hflm, texts))
+        methods["logprobe end to end (rows committed, PostgreSQL)"] = (
+            lambda: logprobe_end_to_end(client, texts, model_dir, n_tokens + len(texts)))
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        for round_ in range(args.repeats):
+            for name, fn in methods.items():
+                times[name].append(timed(fn))
+                log(f"round {round_ + 1}: {name}: {times[name][-1]:.2f}s")
+
+        # Storing vs scoring, inside the worker's own functions.
+        specs = [ScoreSpec(model=model_dir, text=t, prepend_bos=True) for t in texts]
+        score_s, store_s = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            outputs = score_batch(lm, specs, budget)
+            score_s.append(time.perf_counter() - start)
+            handles = client.submit_many(specs, queue=f"bench.nobody.{uuid.uuid4().hex[:6]}")
+            ids = [h.id for h in handles]
+            with client.session() as session:
+                claim_many(session, ids, "bench")
+            start = time.perf_counter()
+            with client.session() as session:
+                store_outputs(session, list(zip(ids, outputs, strict=True)))  # type: ignore
+            store_s.append(time.perf_counter() - start)
+    finally:
+        client.close()
+        worker.stop()
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    baselines = [n for n in med if n.startswith(("notebook", "lm-eval"))]
+    best = min(baselines, key=lambda n: med[n])
+    bare = next(n for n in med if n.startswith("bare"))
+    print(f"\n### Scoring: {len(texts)} paragraphs, {n_tokens} tokens, GPT-2 124M shape, CPU\n")
+    print("| method | median s | tokens/s | vs best baseline | vs bare forward |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, seconds in med.items():
+        print(f"| {name} | {seconds:.2f} | {n_tokens / seconds:.0f} | "
+              f"{med[best] / seconds:.2f}x | {med[bare] / seconds:.2f}x |")
+    print(f"\nbest baseline: {best}; all rounds (s): "
+          + "; ".join(f"{n.split(' (')[0]}: {', '.join(f'{t:.1f}' for t in ts)}"
+                      for n, ts in times.items()))
+    s_score, s_store = statistics.median(score_s), statistics.median(store_s)
+    print(f"\nstoring {n_tokens + len(texts)} token rows (one transaction, COPY): "
+          f"{s_store * 1000:.0f} ms = {100 * s_store / s_score:.1f}% of scoring them "
+          f"({s_score:.2f} s, worker's score_batch)")
+
+
+def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: str) -> None:
+    import redis
+
+    from api_client import Client
+    from bench import celery_noop
+    from tests.helpers import REPO_ROOT, subprocess_env
+    from tests.tiny_models import build_gpt2
+
+    model_dir = str(build_gpt2(tmp / "tiny-gpt2"))
+    worker = start_worker("hf", f"bench.tiny.{uuid.uuid4().hex[:6]}", redis_url, db_url,
+                          tmp / "logs")
+    client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
+    results: dict[str, list[float]] = {"logprobe": [], "celery": []}
+    memory: list[tuple[float, int]] = []
+    try:
+        warm = client.score_many(tiny_texts(500, seed=9), model=model_dir, reuse=False)
+        wait_all_succeeded(client, [j.id for j in warm])
+        for round_ in range(args.repeats):
+            texts = tiny_texts(args.tiny, seed=100 + round_)
+            start = time.perf_counter()
+            jobs = client.score_many(texts, model=model_dir, reuse=False)
+            wait_all_succeeded(client, [j.id for j in jobs])
+            results["logprobe"].append(len(texts) / (time.perf_counter() - start))
+            log(f"tiny round {round_ + 1}: {results['logprobe'][-1]:.0f} probes/s")
+
+        # Memory over a long sweep.
+        baseline = rss_of_children(worker.process.pid)
+        start = time.perf_counter()
+        sweep = client.sweep(tiny_texts(args.memory_probes, seed=7), models=[model_dir],
+                             reuse=False)
+        while True:
+            memory.append((time.perf_counter() - start, rss_of_children(worker.process.pid)))
+            progress = sweep.progress()
+            if progress["finished"] >= progress["total"]:
+                break
+            time.sleep(0.5)
+        sweep_seconds = time.perf_counter() - start
+        memory.append((sweep_seconds, rss_of_children(worker.process.pid)))
+        assert progress["succeeded"] == args.memory_probes, progress
+    finally:
+        client.close()
+        worker.stop()
+
+    # The trivial Celery task, one per probe.
+    env = subprocess_env(BENCH_REDIS_URL=redis_url)
+    noop_log = (tmp / "logs" / "noop.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.celery_noop", "worker", "-Q",
+         celery_noop.QUEUE, "-c", "1", "--pool", "prefork", "--without-gossip",
+         "--without-mingle", "-n", f"noop-{uuid.uuid4().hex[:6]}@bench", "-l", "warning"],
+        cwd=REPO_ROOT, env=env, stdout=noop_log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    counter = redis.Redis.from_url(redis_url)
+    try:
+        app = celery_noop.make_celery(redis_url, name="bench-noop-sender")
+        counter.set(celery_noop.COUNTER_KEY, 0)
+        app.send_task(celery_noop.TASK, args=["warm"], queue=celery_noop.QUEUE)
+        _wait_counter(counter, 1)
+        for _ in range(args.repeats):
+            counter.set(celery_noop.COUNTER_KEY, 0)
+            start = time.perf_counter()
+            with app.producer_or_acquire() as producer:
+                for i in range(args.tiny):
+                    app.send_task(celery_noop.TASK, args=[str(i)], queue=celery_noop.QUEUE,
+                                  producer=producer)
+            _wait_counter(counter, args.tiny)
+            results["celery"].append(args.tiny / (time.perf_counter() - start))
+            log(f"celery noop: {results['celery'][-1]:.0f} tasks/s")
+        app.close()
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+        counter.close()
+
+    ours = statistics.median(results["logprobe"])
+    theirs = statistics.median(results["celery"])
+    print(f"\n### Tiny probes: {args.tiny} score probes of <= 16 tokens, 2-layer GPT-2, "
+          "one worker process\n")
+    print("| method | median probes/s | ratio |")
+    print("| --- | ---: | ---: |")
+    print(f"| trivial Celery task, one per probe (same broker settings) | {theirs:.0f} | 1.00x |")
+    print(f"| logprobe end to end (rows committed, PostgreSQL) | {ours:.0f} | "
+          f"{ours / theirs:.2f}x |")
+    rss = [r for _, r in memory]
+    print(f"\nworker memory over a {args.memory_probes}-probe sweep "
+          f"({args.memory_probes / sweep_seconds:.0f} probes/s): RSS {baseline / 2**20:.0f} MiB "
+          f"before, {min(rss) / 2**20:.0f}-{max(rss) / 2**20:.0f} MiB during, "
+          f"{rss[-1] / 2**20:.0f} MiB after; largest deviation "
+          f"{100 * max(abs(r - baseline) for r in rss) / baseline:.1f}% "
+          f"({len(rss)} samples)")
+
+
+def _wait_counter(counter: Any, n: int, timeout: float = 600) -> None:
+    from bench.celery_noop import COUNTER_KEY
+
+    deadline = time.monotonic() + timeout
+    while int(counter.get(COUNTER_KEY) or 0) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the noop Celery worker did not finish")
+        time.sleep(0.005)
+
+
+def ingestion_section(args: argparse.Namespace, db_url: str) -> None:
+    from sqlalchemy import insert
+
+    from api_client.database import make_engine, make_sessionmaker
+    from api_client.schema import Job, JobStatus, Token
+    from worker.bulk_persistence import TOKEN_COLUMNS, insert_rows
+
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    per_job = 1000
+    n_jobs = args.ingest_rows // per_job
+    rates: dict[str, list[float]] = {"COPY": [], "executemany": []}
+    for round_ in range(args.repeats):
+        for method in rates:
+            ids = [uuid.uuid4().hex for _ in range(n_jobs)]
+            with sessions() as session, session.begin():
+                session.execute(insert(Job), [
+                    {"id": i, "kind": "score", "backend": "hf", "model": "bench",
+                     "status": JobStatus.RUNNING, "spec": {}, "queue": "bench"} for i in ids])
+            rows = [(job_id, 0, p, 1000 + p, f" token{p}", -0.5 - p * 1e-3, False)
+                    for job_id in ids for p in range(per_job)]
+            start = time.perf_counter()
+            with sessions() as session, session.begin():
+                if method == "COPY":
+                    insert_rows(session, Token, TOKEN_COLUMNS, rows)
+                else:
+                    session.execute(insert(Token),
+                                    [dict(zip(TOKEN_COLUMNS, r, strict=True)) for r in rows])
+            rates[method].append(len(rows) / (time.perf_counter() - start))
+            log(f"ingest round {round_ + 1}: {method}: {rates[method][-1]:.0f} rows/s")
+    engine.dispose()
+    print(f"\n### PostgreSQL token-row ingestion ({args.ingest_rows} rows per run, one "
+          "transaction)\n")
+    print("| method | median rows/s |")
+    print("| --- | ---: |")
+    for method, values in rates.items():
+        label = ("psycopg 3 COPY (logprobe's bulk path)" if method == "COPY"
+                 else "SQLAlchemy executemany (insertmanyvalues)")
+        print(f"| {label} | {statistics.median(values):,.0f} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--texts", type=int, default=64, help="paragraphs to score (64)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are shown (3)")
+    parser.add_argument("--lm-eval-batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 8, 64], help="HFLM batch sizes to try (1,8,64)")
+    parser.add_argument("--skip-lm-eval", action="store_true")
+    parser.add_argument("--tiny", type=int, default=3000, help="tiny probes per round (3000)")
+    parser.add_argument("--memory-probes", type=int, default=10_000,
+                        help="probes in the memory sweep (10000)")
+    parser.add_argument("--ingest-rows", type=int, default=200_000)
+    parser.add_argument("--sections", default="scoring,tiny,ingest")
+    parser.add_argument("--redis-url", default=os.environ.get("LOGPROBE_BENCH_REDIS_URL",
+                                                              "redis://127.0.0.1:6379/4"))
+    parser.add_argument("--postgres-url", default=os.environ.get(
+        "LOGPROBE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from api_client.database import upgrade_schema
+    from tests.helpers import create_postgres_database, drop_postgres_database
+
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    sections = set(args.sections.split(","))
+    name = f"logprobe_bench_{uuid.uuid4().hex[:8]}"
+    db_url = create_postgres_database(args.postgres_url, name)
+    print(f"# logprobe throughput benchmark\n\n`python -m bench.throughput "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])}`, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    try:
+        upgrade_schema(db_url)
+        with tempfile.TemporaryDirectory(prefix="logprobe-bench-") as tmp:
+            if "scoring" in sections:
+                scoring_section(args, Path(tmp), args.redis_url, db_url)
+            if "tiny" in sections:
+                tiny_section(args, Path(tmp), args.redis_url, db_url)
+            if "ingest" in sections:
+                ingestion_section(args, db_url)
+    finally:
+        drop_postgres_database(args.postgres_url, name)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -323,12 +323,16 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     print(f"| logprobe end to end (rows committed, PostgreSQL) | {ours:.0f} | "
           f"{ours / theirs:.2f}x |")
     rss = [r for _, r in memory]
-    print(f"\nworker memory over a {args.memory_probes}-probe sweep "
-          f"({args.memory_probes / sweep_seconds:.0f} probes/s): RSS {baseline / 2**20:.0f} MiB "
-          f"before, {min(rss) / 2**20:.0f}-{max(rss) / 2**20:.0f} MiB during, "
-          f"{rss[-1] / 2**20:.0f} MiB after; largest deviation "
-          f"{100 * max(abs(r - baseline) for r in rss) / baseline:.1f}% "
-          f"({len(rss)} samples)")
+    tenth = max(1, len(rss) // 10)
+    early, late = statistics.median(rss[:tenth]), statistics.median(rss[-tenth:])
+    mib = 2**20
+    print(f"\nworker memory (RSS of the worker's pool process) over a {args.memory_probes}-"
+          f"probe sweep ({args.memory_probes / sweep_seconds:.0f} probes/s, {len(rss)} "
+          f"samples): idle before {baseline / mib:.0f} MiB; first tenth of the sweep "
+          f"{early / mib:.0f} MiB, last tenth {late / mib:.0f} MiB "
+          f"({100 * (late - early) / early:+.1f}%); range {min(rss) / mib:.0f}-"
+          f"{max(rss) / mib:.0f} MiB (the high end is one batch's logits in flight); idle "
+          f"after {rss[-1] / mib:.0f} MiB ({100 * (rss[-1] - baseline) / baseline:+.1f}%)")
 
 
 def _wait_counter(counter: Any, n: int, timeout: float = 600) -> None:

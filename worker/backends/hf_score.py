@@ -149,14 +149,19 @@ def batch_token_logprobs(lm: LoadedModel, batch: list[list[int]],
     input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
     results: list[tuple[list[float], torch.Tensor | None]] = []
     with torch.inference_mode():
-        logits = lm.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        targets = input_ids[:, 1:, None]
-        picked = logits.gather(2, targets)[..., 0]
-        token_lp = (picked - torch.logsumexp(logits, dim=-1)).cpu()
-        for row, ids in enumerate(batch):
+        logits = lm.model(input_ids=input_ids, attention_mask=mask).logits
+        for row, ids in enumerate(batch):  # row by row: no padding, small temporaries
             n = len(ids)
-            rows = (torch.log_softmax(logits[row, : n - 1], dim=-1) if top_k[row] else None)
-            results.append((token_lp[row, : n - 1].tolist(), rows))
+            row_logits = logits[row, : n - 1].float()
+            if top_k[row]:
+                logprobs = torch.log_softmax(row_logits, dim=-1)
+                token_lp = logprobs.gather(1, input_ids[row, 1:n, None])[:, 0]
+                results.append((token_lp.tolist(), logprobs))
+            else:
+                picked = row_logits.gather(1, input_ids[row, 1:n, None])[:, 0]
+                token_lp = picked - torch.logsumexp(row_logits, dim=-1)
+                results.append((token_lp.tolist(), None))
+        del logits
     return results
 
 

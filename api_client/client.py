@@ -19,7 +19,7 @@ from .reuse import spec_hash
 from .schema import Job, JobStatus
 from .settings import Settings
 from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
-from .sweeps import DEFAULT_CHUNK_SIZE, SweepHandle, chunk_messages, sweep_specs
+from .sweeps import DEFAULT_CHUNK_SIZE, SweepHandle, chunk_messages, job_values, sweep_specs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,38 +117,38 @@ class Client:
         parsed = [parse_spec(s) for s in specs]
         now = datetime.now(timezone.utc)
         rows = [
-            {
-                "id": uuid.uuid4().hex,
-                "kind": spec.kind,
-                "backend": spec.backend,
-                "model": spec.model,
-                "status": JobStatus.QUEUED,
-                "spec": spec.model_dump(mode="json"),
-                "queue": queue or self.queue or default_queue(spec.backend),
-                "seed": getattr(spec, "seed", None),
-                "created_at": now,
-                "sweep_id": sweep_id,
-                "spec_hash": spec_hash(spec),
-            }
+            Job(
+                id=uuid.uuid4().hex,
+                kind=spec.kind,
+                backend=spec.backend,
+                model=spec.model,
+                status=JobStatus.QUEUED,
+                spec=spec.model_dump(mode="json"),
+                queue=queue or self.queue or default_queue(spec.backend),
+                seed=getattr(spec, "seed", None),
+                created_at=now,
+                sweep_id=sweep_id,
+                spec_hash=spec_hash(spec),
+            )
             for spec in parsed
         ]
         if not rows:
             return []
         with self.session() as session, session.begin():
-            session.execute(insert(Job), rows)
+            session.execute(insert(Job), job_values(rows))  # one executemany, no ORM flush
         try:
             self._enqueue(rows, chunk_size or self.chunk_size)
         except Exception as exc:
             with self.session() as session, session.begin():
-                session.execute(delete(Job).where(Job.id.in_([r["id"] for r in rows])))
+                session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))
             raise ConfigError(
                 f"could not send the jobs to the broker at "
                 f"{self.settings.redis_url or 'the embedded Redis'}: {exc}; "
                 "check LOGPROBE_REDIS_URL and that Redis is running"
             ) from exc
-        return [JobHandle(self, row["id"]) for row in rows]
+        return [JobHandle(self, row.id) for row in rows]
 
-    def _enqueue(self, rows: Sequence[dict[str, Any]], chunk_size: int = 1) -> None:
+    def _enqueue(self, rows: Sequence[Job], chunk_size: int = 1) -> None:
         with self.celery.producer_or_acquire() as producer:
             for queue_name, items in chunk_messages(rows, chunk_size):
                 self.celery.send_task(

@@ -151,8 +151,7 @@ def test_sweep_refuses_bad_input(tiny_gpt2: str) -> None:
 
 
 def test_jobs_are_chunked_per_queue_and_model() -> None:
-    rows = [{"id": str(i), "spec": {}, "queue": "q", "model": "a" if i % 3 else "b"}
-            for i in range(130)]
+    rows = [Job(id=str(i), spec={}, queue="q", model="a" if i % 3 else "b") for i in range(130)]
     messages = list(chunk_messages(rows, 32))
     assert sum(len(items) for _, items in messages) == 130
     assert all(len(items) <= 32 for _, items in messages)

@@ -6,6 +6,7 @@ parametrized), on tiny GPT-2 and LLaMA models built offline. Benchmarks live in
 
 from __future__ import annotations
 
+import json
 import uuid
 from functools import cache
 
@@ -119,8 +120,9 @@ def test_sweep_cross_product_in_sql(client, tiny_gpt2: str, tiny_llama: str) -> 
     frame = client.sql("SELECT model, spec, status FROM jobs WHERE sweep_id = :s",
                        {"s": sweep.id})
     assert len(frame) == 6
-    pairs = {(row.model, (row.spec if isinstance(row.spec, dict) else __import__("json")
-                          .loads(row.spec))["text"]) for row in frame.itertuples()}
+    specs = [row.spec if isinstance(row.spec, dict) else json.loads(row.spec)
+             for row in frame.itertuples()]
+    pairs = {(model, spec["text"]) for model, spec in zip(frame["model"], specs, strict=True)}
     assert pairs == {(m, t) for m in (tiny_gpt2, tiny_llama) for t in texts}
     results = sweep.results()
     assert all(r is not None and r.loss > 0 for r in results)

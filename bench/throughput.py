@@ -58,6 +58,23 @@ def build_gpt2_124m(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_small_vocab_gpt2(path: Path, vocab: int = 1024, seed: int = 0) -> Path:
+    """The 2-layer test GPT-2 with a 1,024-token vocabulary (the GPT-2 tokenizer still
+    decodes its ids): probes whose model math is negligible, to measure the queue and
+    SQL path alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.tiny_models import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # --- the baselines, in this process -------------------------------------------------------
 
 def notebook_loop(model: Any, id_lists: list[list[int]]) -> float:
@@ -95,25 +112,27 @@ def lm_eval_rolling(lm: Any, texts: list[str]) -> float:
 
 # --- logprobe end to end ----------------------------------------------------------------
 
-def wait_all_succeeded(client: Any, job_ids: list[str], timeout: float = 3600) -> None:
+def wait_all_succeeded(client: Any, sweep_id: str, n: int, timeout: float = 3600) -> None:
+    """Poll (every 10 ms, one indexed query on jobs.sweep_id) until n jobs finished."""
     from sqlalchemy import func, select
 
     from api_client.schema import Job, JobStatus
 
     deadline = time.monotonic() + timeout
+    finished = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]
     while True:
         with client.session() as session:
             done = session.scalar(select(func.count()).select_from(Job).where(
-                Job.id.in_(job_ids), Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED])))
-        if done >= len(job_ids):
+                Job.sweep_id == sweep_id, Job.status.in_(finished)))
+        if done >= n:
             with client.session() as session:
                 failed = session.scalars(select(Job.error).where(
-                    Job.id.in_(job_ids), Job.status == JobStatus.FAILED)).all()
+                    Job.sweep_id == sweep_id, Job.status != JobStatus.SUCCEEDED)).all()
             if failed:
                 raise RuntimeError(f"{len(failed)} jobs failed, e.g. {failed[0]}")
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{done}/{len(job_ids)} jobs done after {timeout}s")
+            raise TimeoutError(f"{done}/{n} jobs done after {timeout}s")
         time.sleep(0.01)
 
 
@@ -121,13 +140,13 @@ def logprobe_end_to_end(client: Any, texts: list[str], model_dir: str,
                         expected_rows: int) -> None:
     from sqlalchemy import func, select
 
-    from api_client.schema import Token
+    from api_client.schema import Job, Token
 
-    jobs = client.score_many(texts, model=model_dir, prepend_bos=True, reuse=False)
-    ids = [j.id for j in jobs]
-    wait_all_succeeded(client, ids)
+    sweep = client.sweep(texts, models=[model_dir], prepend_bos=True, reuse=False)
+    wait_all_succeeded(client, sweep.id, len(texts))
     with client.session() as session:
-        rows = session.scalar(select(func.count()).select_from(Token).where(Token.job_id.in_(ids)))
+        rows = session.scalar(select(func.count()).select_from(Token).join(
+            Job, Job.id == Token.job_id).where(Job.sweep_id == sweep.id))
     assert rows == expected_rows, (rows, expected_rows)
 
 
@@ -161,7 +180,7 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
     from api_client import Client
     from api_client.specs import ScoreSpec
     from worker.backends.hf_models import load_model
-    from worker.backends.hf_score import BatchBudget, score_batch
+    from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score_batch
     from worker.bulk_persistence import claim_many, store_outputs
 
     texts = paragraphs(args.texts)
@@ -172,7 +191,8 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
     id_lists = [[bos, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
     n_tokens = sum(len(ids) - 1 for ids in id_lists)
     log(f"{len(texts)} texts, {n_tokens} scored tokens, torch threads {torch.get_num_threads()}")
-    budget = BatchBudget(tokens=int(os.environ.get("LOGPROBE_BATCH_TOKENS", 4096)))
+    budget = BatchBudget(tokens=int(os.environ.get("LOGPROBE_BATCH_TOKENS",
+                                                   DEFAULT_BATCH_TOKENS["cpu"])))
     plan = budget.plan([len(ids) for ids in id_lists])
 
     worker = start_worker("hf", f"bench.hf.{uuid.uuid4().hex[:6]}", redis_url, db_url,
@@ -266,16 +286,16 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     worker = start_worker("hf", f"bench.tiny.{uuid.uuid4().hex[:6]}", redis_url, db_url,
                           tmp / "logs")
     client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
-    results: dict[str, list[float]] = {"logprobe": [], "celery": []}
+    results: dict[str, list[float]] = {"logprobe": [], "celery": [], "small": []}
     memory: list[tuple[float, int]] = []
     try:
-        warm = client.score_many(tiny_texts(500, seed=9), model=model_dir, reuse=False)
-        wait_all_succeeded(client, [j.id for j in warm])
+        warm = client.sweep(tiny_texts(500, seed=9), models=[model_dir], reuse=False)
+        wait_all_succeeded(client, warm.id, len(warm))
         for round_ in range(args.repeats):
             texts = tiny_texts(args.tiny, seed=100 + round_)
             start = time.perf_counter()
-            jobs = client.score_many(texts, model=model_dir, reuse=False)
-            wait_all_succeeded(client, [j.id for j in jobs])
+            sweep = client.sweep(texts, models=[model_dir], reuse=False)
+            wait_all_succeeded(client, sweep.id, len(texts))
             results["logprobe"].append(len(texts) / (time.perf_counter() - start))
             log(f"tiny round {round_ + 1}: {results['logprobe'][-1]:.0f} probes/s")
 
@@ -293,6 +313,22 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
         sweep_seconds = time.perf_counter() - start
         memory.append((sweep_seconds, rss_of_children(worker.process.pid)))
         assert progress["succeeded"] == args.memory_probes, progress
+
+        # The queue and SQL path alone: the same probes on a 1,024-token vocabulary.
+        import random
+
+        small_dir = str(build_small_vocab_gpt2(tmp / "small-vocab-gpt2"))
+        rng = random.Random(5)
+        client.score(token_ids=[1, 2, 3], model=small_dir).result(timeout=300)
+        for round_ in range(args.repeats):
+            id_lists = [[rng.randrange(1, 1024) for _ in range(14)] for _ in range(args.tiny)]
+            start = time.perf_counter()
+            sweep_id = uuid.uuid4().hex
+            client.submit_many([ScoreSpec(model=small_dir, token_ids=ids, reuse=False)
+                                for ids in id_lists], sweep_id=sweep_id)
+            wait_all_succeeded(client, sweep_id, len(id_lists))
+            results["small"].append(len(id_lists) / (time.perf_counter() - start))
+            log(f"small-vocab round {round_ + 1}: {results['small'][-1]:.0f} probes/s")
     finally:
         client.close()
         worker.stop()
@@ -340,6 +376,9 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     ceiling = statistics.median(compute)
     print(f"| (model math alone: worker's score_batch in-process, 64 per batch, no queue, "
           f"no SQL) | {ceiling:.0f} | {ceiling / theirs:.2f}x |")
+    small = statistics.median(results["small"])
+    print(f"| logprobe end to end, 1,024-token vocabulary (negligible model math: the queue "
+          f"and SQL path) | {small:.0f} | {small / theirs:.2f}x |")
     print(f"\nend to end reaches {100 * ours / ceiling:.0f}% of the model math alone")
     rss = [r for _, r in memory]
     tenth = max(1, len(rss) // 10)
@@ -411,7 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--texts", type=int, default=64, help="paragraphs to score (64)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are shown (3)")
     parser.add_argument("--lm-eval-batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[1, 8, 64], help="HFLM batch sizes to try (1,8,64)")
+                        default=[1, 8, 16, 64], help="HFLM batch sizes to try (1,8,16,64)")
     parser.add_argument("--skip-lm-eval", action="store_true")
     parser.add_argument("--tiny", type=int, default=3000, help="tiny probes per round (3000)")
     parser.add_argument("--memory-probes", type=int, default=10_000,

@@ -206,7 +206,7 @@ def test_reuse_defaults_for_sampling(client, tiny_gpt2: str) -> None:
 
 def _output(n_tokens: int, top_k: int, salt: int) -> ProbeOutput:
     tokens = tuple(
-        TokenLogprob(position=i, token_id=salt + i, token=f"tok'\t\\{i}\n", logprob=None if i == 0
+        TokenLogprob(position=i, token_id=salt + i, token=f"tok'\t\\{i}\n\x00", logprob=None if i == 0
                      else -0.125 * i - salt, top_logprobs=tuple(
                          Alternative(token_id=r, token=f"alt{r}", logprob=-1.5 * r)
                          for r in range(top_k)))
@@ -239,7 +239,9 @@ def test_bulk_store_writes_exactly_the_rows(database_url: str) -> None:
         got = session.execute(select(Token.job_id, Token.position, Token.token_id, Token.token,
                                      Token.logprob, Token.generated)
                               .order_by(Token.job_id, Token.position)).all()
-        want = sorted((job_id, t.position, t.token_id, t.token, t.logprob, False)
+        # PostgreSQL text cannot hold NUL: stored as U+FFFD everywhere.
+        want = sorted((job_id, t.position, t.token_id, t.token.replace("\x00", "\ufffd"),
+                       t.logprob, False)
                       for job_id, out in outputs for t in out.sequences[0].tokens)
         assert [tuple(r) for r in got] == want
         alts = session.execute(select(TopLogprob.job_id, TopLogprob.position, TopLogprob.rank,

@@ -85,6 +85,12 @@ class OutputRows:
     alternatives: list[tuple[Any, ...]]
 
 
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL (GPT-2 has a token for byte 0): stored as U+FFFD
+    on every database alike (``token_id`` keeps the exact token)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
 def output_rows(items: Iterable[tuple[str, ProbeOutput]]) -> OutputRows:
     sequences: list[tuple[Any, ...]] = []
     tokens: list[tuple[Any, ...]] = []
@@ -92,15 +98,16 @@ def output_rows(items: Iterable[tuple[str, ProbeOutput]]) -> OutputRows:
     for job_id, output in items:
         for seq in output.sequences:
             all_tokens = (*seq.prompt_tokens, *seq.tokens)
-            sequences.append((job_id, seq.index, seq.text, seq.finish_reason, len(all_tokens),
+            text = None if seq.text is None else _text(seq.text)
+            sequences.append((job_id, seq.index, text, seq.finish_reason, len(all_tokens),
                               sum(t.generated for t in all_tokens), seq.sum_logprob))
             index = seq.index
             for tok in all_tokens:
-                tokens.append((job_id, index, tok.position, tok.token_id, tok.token,
+                tokens.append((job_id, index, tok.position, tok.token_id, _text(tok.token),
                                tok.logprob, tok.generated))
                 for rank, alt in enumerate(tok.top_logprobs):
                     alternatives.append((job_id, index, tok.position, rank, alt.token_id,
-                                         alt.token, alt.logprob))
+                                         _text(alt.token), alt.logprob))
     return OutputRows(sequences, tokens, alternatives)
 
 

@@ -134,9 +134,7 @@ def run_batch(state: ProcessState, backend: Backend, jobs: list[tuple[str, AnySp
                 store_failure(session, job_id, output)
         else:
             done.append((job_id, output))
-    with state.session() as session:
-        store_outputs(session, done, {job_id: {"spec_hash": hashes[job_id]}
-                                      for job_id, _ in done})
+    _store(state, done, {job_id: {"spec_hash": hashes[job_id]} for job_id, _ in done})
     if duplicates:
         failed = {job_id for (job_id, _), out in zip(jobs, outputs, strict=True)
                   if isinstance(out, Exception)}
@@ -147,6 +145,28 @@ def run_batch(state: ProcessState, backend: Backend, jobs: list[tuple[str, AnySp
                 with state.session() as session:
                     store_failure(session, dup, f"an identical job in the same batch "
                                                 f"({source}) failed; see its error")
+
+
+def _store(state: ProcessState, done: list[tuple[str, ProbeOutput]],
+           extra: dict[str, dict[str, Any]]) -> None:
+    """Store a batch in one transaction; if that fails, job by job, so one job whose
+    rows the database refuses fails alone (with the reason) instead of the batch
+    staying 'running'."""
+    try:
+        with state.session() as session:
+            store_outputs(session, done, extra)
+        return
+    except Exception:
+        log.exception("storing a batch of %d failed; storing job by job", len(done))
+    for item in done:
+        try:
+            with state.session() as session:
+                store_outputs(session, [item], extra)
+        except Exception as exc:
+            log.exception("storing job %s failed", item[0])
+            with state.session() as session:
+                store_failure(session, item[0], f"the worker could not store this job's "
+                                                f"result: {type(exc).__name__}: {exc}")
 
 
 def _identities(backend: Backend,

@@ -21,7 +21,7 @@ from api_client.specs import ScoreSpec
 
 from .base import AnySpec, Backend, ProbeOutput
 from .hf_generate import generate
-from .hf_models import ModelCache
+from .hf_models import ModelCache, auto_device
 from .hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score, score_batch
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,10 @@ class HFBackend(Backend):
             enable_determinism()
         self.models = ModelCache(max_models)
         #: Score probes on the same model run batched within this many padded tokens.
-        self.batch_budget = BatchBudget(
-            tokens=int(os.environ.get("LOGPROBE_BATCH_TOKENS", DEFAULT_BATCH_TOKENS))
-        )
+        device = auto_device().split(":")[0]
+        self.batch_budget = BatchBudget(tokens=int(
+            os.environ.get("LOGPROBE_BATCH_TOKENS", DEFAULT_BATCH_TOKENS.get(device, 1024))
+        ))
 
     def run(self, specs: Sequence[AnySpec]) -> list[ProbeOutput | Exception]:
         outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)

@@ -206,8 +206,8 @@ def test_reuse_defaults_for_sampling(client, tiny_gpt2: str) -> None:
 
 def _output(n_tokens: int, top_k: int, salt: int) -> ProbeOutput:
     tokens = tuple(
-        TokenLogprob(position=i, token_id=salt + i, token=f"tok'\t\\{i}\n\x00", logprob=None if i == 0
-                     else -0.125 * i - salt, top_logprobs=tuple(
+        TokenLogprob(position=i, token_id=salt + i, token=f"tok'\t\\{i}\n\x00",
+                     logprob=None if i == 0 else -0.125 * i - salt, top_logprobs=tuple(
                          Alternative(token_id=r, token=f"alt{r}", logprob=-1.5 * r)
                          for r in range(top_k)))
         for i in range(n_tokens)

@@ -274,6 +274,8 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     # The model math alone, in this process: the ceiling for end to end.
     lm = load_model(model_dir, None, None, "cpu")
     compute: list[float] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker below: tiny ops lose to thread hand-offs
     for round_ in range(args.repeats):
         specs = [ScoreSpec(model=model_dir, text=t)
                  for t in tiny_texts(args.tiny, seed=100 + round_)]
@@ -282,9 +284,10 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
             score_batch(lm, specs[i : i + 64], BatchBudget())
         compute.append(len(specs) / (time.perf_counter() - start))
         log(f"tiny compute round {round_ + 1}: {compute[-1]:.0f} probes/s")
+    torch.set_num_threads(threads)
     del lm
     worker = start_worker("hf", f"bench.tiny.{uuid.uuid4().hex[:6]}", redis_url, db_url,
-                          tmp / "logs")
+                          tmp / "logs", OMP_NUM_THREADS="1")
     client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
     results: dict[str, list[float]] = {"logprobe": [], "celery": [], "small": []}
     memory: list[tuple[float, int]] = []
@@ -367,7 +370,7 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     ours = statistics.median(results["logprobe"])
     theirs = statistics.median(results["celery"])
     print(f"\n### Tiny probes: {args.tiny} score probes of <= 16 tokens, 2-layer GPT-2, "
-          "one worker process\n")
+          "one worker process (OMP_NUM_THREADS=1)\n")
     print("| method | median probes/s | ratio |")
     print("| --- | ---: | ---: |")
     print(f"| trivial Celery task, one per probe (same broker settings) | {theirs:.0f} | 1.00x |")

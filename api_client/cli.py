@@ -26,8 +26,11 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return frame.to_string(index=False) if rows else "(no rows)"
 
 
-def token_table(result: Any, sequence: int = 0, include_prompt: bool = False) -> str:
-    """A job's per-token table: position, token id, token, logprob, probability."""
+TOKEN_COLUMNS = ["position", "token_id", "token", "logprob", "prob", "generated", "top"]
+
+
+def token_rows(result: Any, sequence: int = 0, include_prompt: bool = False) -> list[dict]:
+    """A job's per-token rows: position, token id, token, logprob, probability, top-5."""
     seq = result.sequences[sequence]
     tokens = [*seq.prompt_tokens, *seq.tokens] if include_prompt else list(seq.tokens)
     rows = [
@@ -35,14 +38,19 @@ def token_table(result: Any, sequence: int = 0, include_prompt: bool = False) ->
             "position": t.position,
             "token_id": t.token_id,
             "token": repr(t.token),
-            "logprob": None if t.logprob is None else round(t.logprob, 6),
-            "prob": None if t.logprob is None else round(math.exp(t.logprob), 6),
+            "logprob": t.logprob,
+            "prob": None if t.logprob is None else math.exp(t.logprob),
             "generated": t.generated,
             "top": ", ".join(f"{a.token!r}:{a.logprob:.3f}" for a in t.top_logprobs[:5]),
         }
         for t in tokens
     ]
-    return _table(rows, ["position", "token_id", "token", "logprob", "prob", "generated", "top"])
+    return rows
+
+
+def token_table(result: Any, sequence: int = 0, include_prompt: bool = False) -> str:
+    """The per-token rows as an aligned text table."""
+    return _table(token_rows(result, sequence, include_prompt), TOKEN_COLUMNS)
 
 
 # --- commands ---------------------------------------------------------------------
@@ -111,6 +119,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     job = _client(args).job(args.job)
     result = job.result(timeout=args.wait) if args.wait else job.result(timeout=0)
+    if args.format == "csv":
+        import pandas as pd
+
+        rows = token_rows(result, args.sequence, include_prompt=args.prompt)
+        print(pd.DataFrame(rows, columns=TOKEN_COLUMNS).to_csv(index=False), end="")
+        return 0
     if result.loss is not None:
         print(f"loss {result.loss:.6f}")
     print(token_table(result, args.sequence, include_prompt=args.prompt))
@@ -185,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--sequence", type=int, default=0)
     show.add_argument("--prompt", action="store_true", help="include a generation's prompt")
     show.add_argument("--wait", type=float, help="wait up to this many seconds for the job")
+    show.add_argument("--format", choices=["table", "csv"], default="table")
 
     sql = sub.add_parser("sql", help="run a SQL query on the results database")
     sql.add_argument("query")

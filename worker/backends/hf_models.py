@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib.metadata
 import logging
 import os
 import platform
@@ -48,12 +49,30 @@ def normalize_device(device: str | None) -> str:
     return "cuda:0" if device == "cuda" else device
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
-    return platform.processor() or platform.machine() or "cpu"
+    return _cpu_name()
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def directory_revision(path: Path) -> str:
@@ -109,6 +128,7 @@ class LoadedModel:
             "device_name": device_name(self.device),
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
+            "openai_version": _package_version("openai"),
             "deterministic": torch.are_deterministic_algorithms_enabled(),
         }
 

@@ -179,12 +179,12 @@ class OpenAIBackend(Backend):
                     wait = random.uniform(0.0, min(1.0, policy.base_s))  # + the shared pause
                 else:
                     log.warning("OpenAI %s (attempt %d/%d); retrying in %.2fs",
-                                describe(exc), attempt, policy.max_attempts, wait)
+                                self._describe(exc), attempt, policy.max_attempts, wait)
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
                 last = exc
                 wait = policy.backoff(attempt)
                 log.warning("OpenAI %s (attempt %d/%d); retrying in %.2fs",
-                            describe(exc), attempt, policy.max_attempts, wait)
+                            self._describe(exc), attempt, policy.max_attempts, wait)
             else:
                 usage = response.get("usage") or {}
                 self.limiter.settle(ticket, usage.get("total_tokens"))
@@ -193,7 +193,10 @@ class OpenAIBackend(Backend):
                 time.sleep(wait)
         assert last is not None
         raise BackendError(f"OpenAI request failed after {policy.max_attempts} attempts; "
-                           f"last error: {describe(last)}")
+                           f"last error: {self._describe(last)}")
+
+    def _describe(self, exc: BaseException) -> str:
+        return scrub(describe(exc), self.settings.api_key)
 
     def _refuse_if_final(self, exc: openai.APIStatusError, request: OpenAIRequest) -> None:
         """Errors that retrying cannot fix become the job's error at once."""

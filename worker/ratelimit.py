@@ -170,7 +170,8 @@ class GlobalRateLimiter:
     def __init__(self, redis: Any, limits: RateLimits) -> None:
         self.redis = redis
         self.limits = limits
-        base = f"{REDIS_PREFIX}:openai:ratelimit:{limits.name}"
+        # {name} is a Redis Cluster hash tag: the script's keys share one slot.
+        base = f"{REDIS_PREFIX}:openai:ratelimit:{{{limits.name}}}"
         self.requests_key = f"{base}:requests"
         self.tokens_key = f"{base}:tokens"
         self.pause_key = f"{base}:pause_until"

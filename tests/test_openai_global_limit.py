@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, JobStatus
+from api_client.errors import JobFailed
 from tests.conftest import make_database
 from tests.helpers import WorkerProcess
 from tests.openai_server import FakeOpenAI, Fault
@@ -118,3 +119,22 @@ def test_a_429_retry_after_pauses_every_worker(sqlite_url: str, redis_url: str,
     assert len(in_flight) <= 6  # the other three threads, one or two each
     assert len(recorded) == 1 + 12 + 1  # warm-up, the jobs, the one retry
     assert min(d for d in after if d >= 0.5) < pause + 1.0  # and then work resumes
+
+
+def test_a_worker_without_a_key_fails_jobs_clearly(sqlite_url: str, redis_url: str,
+                                                    tmp_path: Path) -> None:
+    with FakeOpenAI() as server:
+        (worker,) = start_workers(1, server=server, redis_url=redis_url,
+                                  database_url=sqlite_url, log_dir=tmp_path, concurrency=1,
+                                  OPENAI_API_KEY="")
+        try:
+            with Client(redis_url=redis_url, database_url=sqlite_url,
+                        queue=worker.queue) as client:
+                job = client.generate("hi", model="davinci-002", backend="openai")
+                with pytest.raises(JobFailed, match="OPENAI_API_KEY is not set in the OpenAI "
+                                                    "worker's environment"):
+                    job.result(timeout=60)
+                assert worker.alive()
+        finally:
+            worker.stop()
+        assert server.recorded() == []

@@ -17,11 +17,15 @@ from .errors import SpecError
 
 Backend = Literal["hf", "openai"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+#: Which OpenAI endpoint a probe uses: legacy ``/v1/completions`` or chat completions.
+OpenAIApi = Literal["completions", "chat"]
 
 #: The largest number of alternatives stored per position (OpenAI chat allows 20).
 MAX_TOP_LOGPROBS = 20
 #: Seeds are stored in a signed 64-bit column and fed to torch.manual_seed.
 MAX_SEED = 2**63 - 1
+#: The most alternatives each OpenAI endpoint returns per position.
+OPENAI_MAX_TOP_LOGPROBS = {"completions": 5, "chat": 20}
 
 
 class _ProbeBase(BaseModel):
@@ -39,6 +43,11 @@ class _ProbeBase(BaseModel):
         default=None,
         pattern=r"^(cpu|mps|cuda(:\d+)?)$",
         description="cpu, mps, cuda or cuda:N; None = the worker picks (cuda, mps, cpu)",
+    )
+    openai_api: OpenAIApi | None = Field(
+        default=None,
+        description="backend 'openai' only: 'completions' (/v1/completions, the default) "
+        "or 'chat' (chat completions; generate probes only)",
     )
 
     @model_validator(mode="after")
@@ -59,6 +68,32 @@ class _ProbeBase(BaseModel):
                 "dtype, device and revision apply to the 'hf' backend only; drop them "
                 "for backend='openai'"
             )
+        if self.openai_api is not None and self.backend != "openai":
+            raise ValueError("openai_api applies to backend='openai' only; drop it")
+        return self
+
+    @model_validator(mode="after")
+    def check_openai_limits(self) -> _ProbeBase:
+        """What the OpenAI endpoints cannot do is refused at submit, not by the API."""
+        if self.backend != "openai":
+            return self
+        api = self.openai_api or "completions"
+        limit = OPENAI_MAX_TOP_LOGPROBS[api]
+        if getattr(self, "top_logprobs", 0) > limit:
+            raise ValueError(
+                f"top_logprobs is at most {limit} on OpenAI {api} "
+                f"(got {getattr(self, 'top_logprobs', 0)})"
+                + ("; use openai_api='chat' for up to 20" if api == "completions" else "")
+            )
+        if getattr(self, "kind", None) == "score" and api == "chat":
+            raise ValueError("chat completions return no prompt logprobs, so they cannot "
+                             "score a text; use openai_api='completions'")
+        if getattr(self, "prepend_bos", False):
+            raise ValueError("prepend_bos is not available on backend='openai'; put the "
+                             "model's end-of-text token id first in token_ids instead")
+        if getattr(self, "top_k", None) is not None:
+            raise ValueError("top_k is not an OpenAI sampling parameter; use top_p or "
+                             "temperature with backend='openai'")
         return self
 
 

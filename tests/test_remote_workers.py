@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,11 +20,12 @@ from urllib.parse import quote
 
 import pytest
 import redis
+import yaml
 
 from api_client import Client, JobStatus
 from api_client.errors import ConfigError
 from tests.conftest import POSTGRES_URL
-from tests.helpers import WorkerProcess, logprobe_command, subprocess_env
+from tests.helpers import REPO_ROOT, WorkerProcess, logprobe_command, subprocess_env
 
 TEXT = "Remote workers write here."
 PASSWORD = "s3cr@t/pw:x"  # characters that must be percent-encoded in a URL
@@ -137,8 +139,19 @@ def test_worker_with_credentials_in_urls(password_redis: str, postgres_role: str
                    check=True, env=subprocess_env(), timeout=120)
     queue = f"logprobe.hf.remote-{uuid.uuid4().hex[:6]}"
     worker = WorkerProcess(backend="hf", queue=queue, redis_url=password_redis,
-                           database_url=postgres_role, log_dir=tmp_path / "logs").start()
+                           database_url=postgres_role, log_dir=tmp_path / "logs",
+                           extra_args=["--hostname", "hf-remote@%h"]).start()
     try:
+        # docker-compose.yml's worker healthcheck, run against this worker.
+        compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+        check = compose["services"]["worker-gpu0"]["healthcheck"]["test"]
+        assert check[0] == "CMD-SHELL"
+        env = subprocess_env(LOGPROBE_REDIS_URL=password_redis, WORKER_NAME="hf-remote",
+                             HOSTNAME=socket.gethostname())
+        command = check[1].replace("$$", "$").replace("celery ", f"{sys.executable} -m celery ", 1)
+        ping = subprocess.run(["sh", "-c", command], env=env,
+                              cwd=REPO_ROOT, timeout=60, capture_output=True, text=True)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
         with Client(redis_url=password_redis, database_url=postgres_role, queue=queue) as c:
             job = c.score(TEXT, model=tiny_gpt2)
             result = job.result(timeout=180)

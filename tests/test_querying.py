@@ -7,10 +7,12 @@ once with ``prepend_bos``, plus one generation.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import json
 import math
+import os
 import re
 import struct
 import subprocess
@@ -65,12 +67,21 @@ def _url(client) -> str:
 
 
 def run_cli(client, *args: str, stdin: str | None = None, cwd: Path | None = None) -> str:
-    proc = subprocess.run(
-        logprobe_command("--database-url", _url(client), *args), input=stdin,
-        capture_output=True, text=True, env=subprocess_env(), cwd=cwd or REPO_ROOT, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    """``logprobe ARGS`` in this process (the real argparse entry point); its stdout."""
+    from api_client.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin, old_cwd = sys.stdin, os.getcwd()
+    try:
+        sys.stdin = io.StringIO(stdin or "")
+        os.chdir(cwd or REPO_ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["--database-url", _url(client), *args])
+    finally:
+        sys.stdin = old_stdin
+        os.chdir(old_cwd)
+    assert code == 0, err.getvalue()
+    return out.getvalue()
 
 
 # --- views ----------------------------------------------------------------------
@@ -148,7 +159,11 @@ def test_views_from_the_command_line_tools(client, jobs: Jobs) -> None:
     query = "SELECT model, n_jobs, loss FROM loss_by_model WHERE text = 'The quick brown fox " \
             "jumps over the lazy dog.' AND prepend_bos = " + \
             ("false" if client.engine.dialect.name == "postgresql" else "0") + " ORDER BY model"
-    out = run_cli(client, "sql", query, "--format", "csv")
+    proc = subprocess.run(logprobe_command("--database-url", _url(client), "sql", query,
+                                           "--format", "csv"),
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     lines = out.strip().splitlines()
     assert lines[0] == "model,n_jobs,loss"
     assert [line.split(",")[1] for line in lines[1:]] == ["2", "1"]
@@ -281,11 +296,13 @@ def test_plot_compare_overlays_models(client, jobs: Jobs, tmp_path: Path) -> Non
 
 
 def test_plot_several_jobs_needs_compare(client, jobs: Jobs) -> None:
-    proc = subprocess.run(
-        logprobe_command("--database-url", _url(client), "plot", jobs.gpt2_t1.job_id,
-                         jobs.llama_t1.job_id),
-        capture_output=True, text=True, env=subprocess_env(), timeout=60)
-    assert proc.returncode == 2 and "--compare" in proc.stderr
+    from api_client.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--database-url", _url(client), "plot", jobs.gpt2_t1.job_id,
+                     jobs.llama_t1.job_id])
+    assert code == 2 and "--compare" in err.getvalue()
 
 
 def test_views_survive_a_sqlite_batch_migration(tmp_path: Path) -> None:

@@ -103,13 +103,8 @@ def layout(results: Sequence[ProbeResult], sequence: int = 0) -> Layout:
             width = 0.8 / k
             bars = tuple(Bar(j + 0.1 + i * width, j + 0.1 + (i + 1) * width, t)
                          for j, t in enumerate(tokens))
-        else:  # each token spans its characters
-            bars, start = [], 0
-            for t in tokens:
-                end = start + max(len(t.token), 1)
-                bars.append(Bar(start + 0.05, end - 0.05, t))
-                start = end
-            bars = tuple(bars)
+        else:  # each token spans its characters of the text
+            bars = character_bars(result, tokens)
         series.append(Series(labels[i], result.job_id, result.loss, bars))
     first = token_lists[0]
     if same_tokens:
@@ -119,6 +114,28 @@ def layout(results: Sequence[ProbeResult], sequence: int = 0) -> Layout:
         ticks = tuple((b.center, b.token.token) for b in series[0].bars)
         x_max = max((s.bars[-1].x1 + 0.05 for s in series if s.bars), default=1.0)
     return Layout(tuple(series), ticks, max(x_max, 1.0), "token" if same_tokens else "character")
+
+
+def character_bars(result: ProbeResult, tokens: Sequence[TokenLogprob]) -> tuple[Bar, ...]:
+    """Bars over the characters each token covers in the text.
+
+    Tokens are found in order in the scored text (for a generation: in its tokens
+    joined). A token that is not part of the text (a BOS token, half of a
+    multi-byte character) gets a thin bar where it stands and moves nothing.
+    """
+    text = "".join(t.token for t in tokens)
+    if result.kind == "score" and result.text:
+        text = result.text
+    bars, pos = [], 0
+    for t in tokens:
+        found = text.find(t.token, pos, pos + len(t.token) + 8) if t.token else -1
+        if found < 0:
+            bars.append(Bar(pos, pos + 0.3, t))
+            continue
+        end = found + len(t.token)
+        bars.append(Bar(found + 0.05, end - 0.05, t))
+        pos = end
+    return tuple(bars)
 
 
 def _label(result: ProbeResult) -> str:

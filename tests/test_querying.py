@@ -293,6 +293,9 @@ def test_plot_compare_overlays_models(client, jobs: Jobs, tmp_path: Path) -> Non
                                                                 jobs.gpt2_t1.tokens]
     ends = [b.x1 for b in mixed.series[0].bars]
     assert ends[-1] == pytest.approx(len(T1) - 0.05)
+    # BOS is not part of the text: it moves nothing, and the same tokens line up.
+    assert [(b.x0, b.x1) for b in mixed.series[1].bars[1:]] == \
+        [(b.x0, b.x1) for b in mixed.series[0].bars]
 
 
 def test_plot_several_jobs_needs_compare(client, jobs: Jobs) -> None:

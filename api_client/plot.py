@@ -197,7 +197,7 @@ def figure(results: Sequence[ProbeResult], *, sequence: int = 0, width: int | No
     ax.set_ylabel("logprob (natural log)")
     ax.set_title(_title(results), fontsize=10)
     if len(lay.series) > 1:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     fig.subplots_adjust(left=70 / width, right=1 - 20 / width, top=1 - 35 / height,
                         bottom=min(0.45, 110 / height))
     return fig

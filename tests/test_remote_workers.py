@@ -227,3 +227,11 @@ def test_ssl_options_from_rediss_urls() -> None:
     assert "broker_use_ssl" not in celery_config("redis://:pw@localhost:6379/0")
     with pytest.raises(ConfigError, match="ssl_cert_reqs"):
         celery_config("rediss://localhost/0?ssl_cert_reqs=maybe")
+
+
+def test_background_worker_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
+    from worker.background import start_worker
+
+    with pytest.raises(RuntimeError, match="invalid choice: 'nope'"):
+        start_worker(backend="nope", env=subprocess_env(), log_path=tmp_path / "w.log",
+                     timeout=60)

@@ -142,6 +142,46 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, format_for, load, portable, read_job_ids
+
+    job_ids = None
+    if args.jobs or args.jobs_file:
+        job_ids = list(args.jobs or [])
+        if args.jobs_file:
+            with (sys.stdin if args.jobs_file == "-" else open(args.jobs_file)) as lines:
+                job_ids += read_job_ids(lines)
+    client = _client(args)
+    if args.output is None:  # CSV on stdout
+        if format_for(None, args.format) != "csv":
+            print("logprobe: Parquet needs an output file (-o FILE)", file=sys.stderr)
+            return 2
+        frame = load(client, query=args.query, job_ids=job_ids, table=args.table)
+        portable(frame).to_csv(sys.stdout, index=False)
+        return 0
+    frame = export(client, args.output, query=args.query, job_ids=job_ids, table=args.table,
+                   format=args.format)
+    print(f"wrote {len(frame)} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import write_plot
+
+    if len(args.jobs) > 1 and not args.compare:
+        print("logprobe: several jobs: add --compare to overlay them in one plot",
+              file=sys.stderr)
+        return 2
+    client = _client(args)
+    results = [client.job(j).result(timeout=args.wait) for j in args.jobs]
+    stem = "compare-" + "-".join(j[:8] for j in args.jobs) if args.compare else args.jobs[0]
+    outputs = args.output or [f"{stem}.png", f"{stem}.html"]
+    for output in outputs:
+        print(write_plot(results, output, sequence=args.sequence, width=args.width,
+                         height=args.height))
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     from .database import upgrade_schema
     from .settings import Settings
@@ -205,6 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
+    export = sub.add_parser("export", help="write a query's rows, or jobs' rows, to "
+                            "CSV or Parquet")
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--query", "-q", help="a SQL query (any table or view)")
+    what.add_argument("--jobs", nargs="+", metavar="JOB", help="job ids")
+    what.add_argument("--jobs-file", metavar="FILE",
+                      help="job ids, one per line (`-` for stdin), e.g. saved submit output")
+    export.add_argument("--table", default="token_view",
+                        help="where job rows come from: token_view (default), tokens, "
+                        "top_logprobs, sequences, jobs")
+    export.add_argument("--format", choices=["csv", "parquet"],
+                        help="default: from the output file's suffix, else csv")
+    export.add_argument("--output", "-o", help="output file (default: CSV on stdout)")
+
+    plot = sub.add_parser("plot", help="draw a job's per-token logprobs (PNG and/or HTML)")
+    plot.add_argument("jobs", nargs="+", metavar="JOB")
+    plot.add_argument("--compare", action="store_true",
+                      help="overlay several jobs (the same text across models)")
+    plot.add_argument("--output", "-o", action="append",
+                      help="a .png or .html file; repeatable (default: JOB.png and JOB.html)")
+    plot.add_argument("--sequence", type=int, default=0)
+    plot.add_argument("--width", type=int, help="pixels (default: fits the tokens)")
+    plot.add_argument("--height", type=int, help="pixels (default: 420)")
+    plot.add_argument("--wait", type=float, default=0,
+                      help="wait up to this many seconds for unfinished jobs")
+
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="alembic upgrade (default: head)")
@@ -220,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_worker(args, extra)
     args = parser.parse_args(argv)
     commands = {"submit": cmd_submit, "status": cmd_status, "show": cmd_show,
-                "sql": cmd_sql, "db": cmd_db}
+                "sql": cmd_sql, "db": cmd_db, "export": cmd_export, "plot": cmd_plot}
     try:
         return commands[args.command](args)
     except LogprobeError as exc:

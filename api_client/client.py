@@ -16,7 +16,7 @@ from .database import ensure_schema, make_engine, make_sessionmaker
 from .errors import ConfigError
 from .jobs import JobHandle
 from .schema import Job, JobStatus
-from .settings import Settings
+from .settings import Settings, mask_url
 from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class Client:
                 session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))
             raise ConfigError(
                 f"could not send the jobs to the broker at "
-                f"{self.settings.redis_url or 'the embedded Redis'}: {exc}; "
+                f"{mask_url(self.settings.redis_url or '') or 'the embedded Redis'}: {exc}; "
                 "check LOGPROBE_REDIS_URL and that Redis is running"
             ) from exc
         return [JobHandle(self, row.id) for row in rows]

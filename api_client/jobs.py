@@ -12,6 +12,10 @@ from .results import ProbeResult, read_result
 from .schema import Job, JobStatus
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
     from .client import Client
 
 #: Polling starts fast (tiny probes finish in milliseconds) and backs off to this.
@@ -81,3 +85,18 @@ class JobHandle:
             if job.status is JobStatus.CANCELLED:
                 raise JobCancelled(job.id, job.error)
             return read_result(session, job)
+
+    def plot(self, path: str | Path | None = None, *, sequence: int = 0,
+             timeout: float | None = 0, **options: Any) -> Path | Figure:
+        """Draw this job's per-token logprobs (see :mod:`api_client.plot`).
+
+        With ``path`` (``.png`` or ``.html``), writes the file and returns its path;
+        without, returns a matplotlib figure (a notebook shows it). ``options``:
+        ``width`` / ``height`` in pixels.
+        """
+        from . import plot
+
+        result = self.result(timeout=timeout)
+        if path is None:
+            return plot.figure([result], sequence=sequence, **options)
+        return plot.write_plot([result], path, sequence=sequence, **options)

@@ -54,3 +54,15 @@ class Settings:
         from .embedded_redis import ensure_embedded_redis
 
         return ensure_embedded_redis(self.home / "redis")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

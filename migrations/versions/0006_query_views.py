@@ -5,7 +5,7 @@ questions (docs/deployment.md has examples). The same SQL runs on SQLite and
 PostgreSQL except for reading ``prepend_bos`` out of the JSON spec.
 
 Revision ID: 0006
-Revises: 0001
+Revises: 0002
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0001"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

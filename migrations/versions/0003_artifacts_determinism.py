@@ -56,10 +56,11 @@ WITH runs AS (
     GROUP BY config_hash
 ),
 token_spreads AS (
+    -- the same token at the same position of runs with the same output tokens
     SELECT j.config_hash AS config_hash, MAX(t.logprob) - MIN(t.logprob) AS spread
     FROM tokens t JOIN jobs j ON j.id = t.job_id
     WHERE j.status = 'succeeded' AND j.config_hash IS NOT NULL AND t.logprob IS NOT NULL
-    GROUP BY j.config_hash, t.sequence_index, t.position, t.token_id
+    GROUP BY j.config_hash, j.output_hash, t.sequence_index, t.position
 ),
 spreads AS (
     SELECT config_hash, MAX(spread) AS max_abs_dlogprob

@@ -18,10 +18,21 @@ from .constants import (
     ENV_MAX_LOGITS_BYTES,
     ENV_REDIS_URL,
 )
+from .errors import ConfigError
 
 
 def _default_home() -> Path:
     return Path(os.environ.get(ENV_HOME) or Path.home() / ".logprobe").expanduser()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of bytes") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,8 +55,7 @@ class Settings:
             "database_url": os.environ.get(ENV_DATABASE_URL) or None,
             "home": _default_home(),
             "artifacts_url": os.environ.get(ENV_ARTIFACTS_URL) or None,
-            "max_logits_bytes": int(os.environ.get(ENV_MAX_LOGITS_BYTES)
-                                    or DEFAULT_MAX_LOGITS_BYTES),
+            "max_logits_bytes": _env_int(ENV_MAX_LOGITS_BYTES, DEFAULT_MAX_LOGITS_BYTES),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["home"] = Path(str(values["home"])).expanduser()

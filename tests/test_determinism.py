@@ -101,18 +101,22 @@ def test_report_flags_a_planted_difference(client: Client, tiny_gpt2: str,
     # Runs with the same output tokens got the same logprobs.
     assert row["max_abs_dlogprob"] == 0
 
-    # A score probe repeated: the loss spread is 0, and the CLI prints the same report.
+    # A score probe repeated from the CLI: the loss spread is 0; the report shows both.
+    def logprobe(*args: str) -> str:
+        return subprocess.run(
+            logprobe_command("--redis-url", client.settings.redis_url or "", "--database-url",
+                             client.settings.database_url or "", *args),
+            capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=120,
+            check=True,
+        ).stdout
+
     score = make_spec("score", text=TEXT, model=tiny_gpt2)
-    for job in client.repeat(score, 3):
-        job.result(timeout=120)
-    out = subprocess.run(
-        logprobe_command("--redis-url", client.settings.redis_url or "", "--database-url",
-                         client.settings.database_url or "", "determinism", "report",
-                         "--model", tiny_gpt2, "--format", "json"),
-        capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=120,
-        check=True,
-    )
-    rows = {r["config_hash"]: r for r in json.loads(out.stdout)}
+    lines = logprobe("determinism", "repeat", "score", TEXT, "-m", tiny_gpt2, "-n", "3",
+                     "--queue", queues[1], "--wait", "120", "--format", "json").splitlines()
+    assert lines[0] == f"config_hash {config_hash(score)}" and len(lines) == 5
+    assert json.loads(lines[-1])[0]["runs"] == 3
+    rows = {r["config_hash"]: r for r in json.loads(
+        logprobe("determinism", "report", "--model", tiny_gpt2, "--format", "json"))}
     assert rows[digest]["deterministic"] == 0 and rows[digest]["seed_differs"] == 1
     score_row = rows[config_hash(score)]
     assert (score_row["runs"], score_row["distinct_outputs"]) == (3, 1)

@@ -163,6 +163,20 @@ def cmd_determinism(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logits(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job)
+    values = job.logits(timeout=args.wait)
+    ref = job.artifacts()["logits"]
+    print(f"uri     {ref.uri}\nshape   {list(ref.shape)}\ndtype   {ref.dtype}\n"
+          f"sha256  {ref.sha256}\nbytes   {ref.num_bytes}")
+    if args.out:
+        import numpy as np
+
+        np.save(args.out, values, allow_pickle=False)
+        print(f"saved   {args.out}")
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     from .database import upgrade_schema
     from .settings import Settings
@@ -225,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
+    logits = sub.add_parser("logits", help="a job's full-logits artifact (return_logits)")
+    logits.add_argument("job")
+    logits.add_argument("--out", help="also save the array to this .npy file")
+    logits.add_argument("--wait", type=float, help="wait up to this many seconds for the job")
+
     det = sub.add_parser("determinism", help="repeat probes and compare their runs")
     det_sub = det.add_subparsers(dest="determinism_command", required=True)
     det_report = det_sub.add_parser(
@@ -263,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_worker(args, extra)
     args = parser.parse_args(argv)
     commands = {"submit": cmd_submit, "status": cmd_status, "show": cmd_show,
-                "sql": cmd_sql, "db": cmd_db, "determinism": cmd_determinism}
+                "sql": cmd_sql, "db": cmd_db, "determinism": cmd_determinism,
+                "logits": cmd_logits}
     try:
         return commands[args.command](args)
     except LogprobeError as exc:

@@ -8,6 +8,7 @@ that the worker-side cap can be seen refusing a job.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import uuid
 from collections.abc import Iterator
 from functools import cache
@@ -22,7 +23,7 @@ from api_client import Client, JobFailed, JobStatus, SpecError
 from api_client.artifacts import EMBEDDINGS_DIR, ArtifactStore, load_array
 from api_client.embedding_specs import InterpolateEmbedding, NoiseEmbedding
 from api_client.errors import ArtifactError
-from tests.helpers import WorkerProcess
+from tests.helpers import REPO_ROOT, WorkerProcess, logprobe_command, subprocess_env
 
 TEXT = "Finn writes code"
 TOL = 1e-5
@@ -223,7 +224,7 @@ def test_bad_embeddings_fail_clearly_and_worker_keeps_serving(
         client.score(embedding=good, token_ids=[1, 2], model=tiny_gpt2)
 
 
-def test_logits_round_trip(client: Client, model_path: str) -> None:
+def test_logits_round_trip(client: Client, model_path: str, tmp_path: Path) -> None:
     model, tok = reference(model_path)
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     job = client.score(TEXT, model=model_path, return_logits=True)
@@ -242,6 +243,15 @@ def test_logits_round_trip(client: Client, model_path: str) -> None:
     assert [t.logprob for t in res.tokens[1:]] == pytest.approx(
         [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=TOL)
     assert isinstance(job.logits(as_torch=True), torch.Tensor)
+    npy = tmp_path / "logits.npy"
+    out = subprocess.run(
+        logprobe_command("--redis-url", client.settings.redis_url or "", "--database-url",
+                         client.settings.database_url or "", "logits", job.id, "--out",
+                         str(npy)),
+        capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=120,
+        check=True).stdout
+    assert f"shape   [{len(ids)}, {ref.shape[-1]}]" in out
+    assert np.array_equal(np.load(npy, allow_pickle=False), logits)
 
     small = half.logits(timeout=120)
     assert small.dtype == np.float16 and small.shape == (2, ref.shape[-1])

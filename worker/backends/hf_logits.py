@@ -41,9 +41,12 @@ def position_tokens(lm: LoadedModel, logits: torch.Tensor, targets: Sequence[int
     alternatives = [(), *top_alternatives(lm, logprobs, top_k)]
     known = [t for t in targets if t is not None]
     texts = iter(decode_each(lm, known))
+    index = torch.tensor([t if t is not None else 0 for t in targets[1:]], dtype=torch.long,
+                         device=logprobs.device)
+    picked = [None, *logprobs.gather(1, index[:, None])[:, 0].tolist()]
     rows = []
     for i, target in enumerate(targets):
-        logprob = None if i == 0 or target is None else float(logprobs[i - 1, target])
+        logprob = None if i == 0 or target is None else picked[i]
         rows.append(TokenLogprob(
             position=i, token_id=target, token="" if target is None else next(texts),
             logprob=logprob, generated=False, top_logprobs=alternatives[i],

@@ -49,8 +49,10 @@ def score_tensors(lm: LoadedModel, spec: ScoreSpec) -> ProbeOutput:
     if spec.return_logits:
         check_logits_rows(lm, spec, min(length, spec.logits_last_n or length), exact=True)
 
-    logits = forward_logits(lm, input_ids=None if embeds is not None else targets,  # type: ignore[arg-type]
-                            inputs_embeds=embeds)
+    if embeds is not None:
+        logits = forward_logits(lm, inputs_embeds=embeds)
+    else:
+        logits = forward_logits(lm, input_ids=[t for t in targets if t is not None])
     tokens = position_tokens(lm, logits, targets, spec.top_logprobs)
     scored = [t.logprob for t in tokens[1:] if t.logprob is not None]
     total = float(torch.tensor(scored, dtype=torch.float64).sum()) if scored else None

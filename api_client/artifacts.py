@@ -131,6 +131,14 @@ class ArtifactStore:
             return (path / relative).as_uri()
         return f"{self.url}/{relative}"
 
+    def contains(self, uri: str) -> bool:
+        """Whether ``uri`` names a file inside this store (workers read only those)."""
+        root, path = _local_path(self.url), _local_path(uri)
+        if root is not None or path is not None:
+            return root is not None and path is not None and \
+                path.resolve().is_relative_to(root.resolve())
+        return uri.startswith(self.url + "/") and ".." not in uri.split("/")
+
     def put_bytes(self, relative: str, data: bytes) -> str:
         """Write ``data`` at ``relative`` under the store (atomically on a local disk)."""
         path = _local_path(self.url)

@@ -199,6 +199,8 @@ def test_bad_embeddings_fail_clearly_and_worker_keeps_serving(
         "more than the 128-token context": client.upload_embedding(np.zeros((125, 64))),
         "text_a encodes to 1 tokens and text_b to 2": InterpolateEmbedding(
             text_a=" to", text_b=" to make", weight=0.5),
+        "is outside this worker's artifact store": {**good.model_dump(),
+                                                    "uri": "file:///etc/hostname"},
     }
     jobs = {message: client.generate(embedding=embedding, model=tiny_gpt2, max_new_tokens=4)
             for message, embedding in cases.items()}
@@ -296,7 +298,7 @@ def test_logits_size_cap(client: Client, tiny_gpt2: str, tensor_worker: WorkerPr
         assert capped.score(TEXT, model=tiny_gpt2, return_logits=True, logits_last_n=4)
 
 
-def test_fsspec_store_round_trip() -> None:
+def test_fsspec_store_round_trip(tmp_path: Path) -> None:
     store = ArtifactStore(f"memory://logprobe-{uuid.uuid4().hex[:8]}")
     values = np.arange(12, dtype=np.float32).reshape(3, 4)
     ref = store.put_array(EMBEDDINGS_DIR, "embedding", values)
@@ -306,3 +308,7 @@ def test_fsspec_store_round_trip() -> None:
         load_array(ref.uri, "0" * 64)
     with pytest.raises(ArtifactError, match="does not exist"):
         load_array(ref.uri + ".missing")
+    assert store.contains(ref.uri) and not store.contains("memory://elsewhere/x")
+    local = ArtifactStore(str(tmp_path))
+    assert local.contains((tmp_path / "embeddings" / "a.safetensors").as_uri())
+    assert not local.contains((tmp_path / ".." / "a.safetensors").as_uri())

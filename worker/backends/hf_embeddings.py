@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from api_client.artifacts import decode, read_bytes, sha256_hex
+from api_client.artifacts import ArtifactStore, decode, read_bytes, sha256_hex
 from api_client.embedding_specs import (
     AnyEmbedding,
     ArtifactEmbedding,
@@ -26,6 +26,7 @@ from api_client.embedding_specs import (
     NoiseEmbedding,
 )
 from api_client.errors import ProbeInputError
+from api_client.settings import Settings
 
 from .hf_common import check_ids
 from .hf_models import LoadedModel
@@ -123,6 +124,13 @@ def check_context(lm: LoadedModel, length: int, extra: int) -> None:
 
 def load_artifact_embedding(lm: LoadedModel, spec: ArtifactEmbedding) -> BuiltEmbedding:
     """Fetch an uploaded embedding and check it against its spec and the model."""
+    store = ArtifactStore.from_settings(Settings.from_env())
+    if not store.contains(spec.uri):
+        raise ProbeInputError(
+            f"embedding: uri {spec.uri} is outside this worker's artifact store "
+            f"({store.url}); upload with Client.upload_embedding and give clients and "
+            "workers the same LOGPROBE_ARTIFACTS_URL"
+        )
     data = read_bytes(spec.uri)
     digest = sha256_hex(data)
     if digest != spec.sha256:

@@ -4,7 +4,9 @@ Light by design: importing it never imports torch, transformers, openai or ``wor
 """
 
 from .client import Client
+from .embedding_specs import ArtifactEmbedding, InterpolateEmbedding, NoiseEmbedding
 from .errors import (
+    ArtifactError,
     ConfigError,
     JobCancelled,
     JobFailed,
@@ -20,9 +22,12 @@ from .specs import GenerateSpec, ScoreSpec, parse_spec
 
 __all__ = [
     "Alternative",
+    "ArtifactEmbedding",
+    "ArtifactError",
     "Client",
     "ConfigError",
     "GenerateSpec",
+    "InterpolateEmbedding",
     "JobCancelled",
     "JobFailed",
     "JobHandle",
@@ -30,6 +35,7 @@ __all__ = [
     "JobStatus",
     "JobTimeout",
     "LogprobeError",
+    "NoiseEmbedding",
     "ProbeResult",
     "ScoreSpec",
     "SequenceResult",

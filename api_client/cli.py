@@ -179,6 +179,52 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for output in outputs:
         print(write_plot(results, output, sequence=args.sequence, width=args.width,
                          height=args.height))
+def _print_frame(frame: Any, fmt: str) -> None:
+    if fmt == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif fmt == "json":
+        print(frame.to_json(orient="records", date_format="iso"))
+    else:
+        print(frame.to_string(index=False) if len(frame) else "(no rows)")
+
+
+def cmd_determinism(args: argparse.Namespace) -> int:
+    from .determinism import config_hash, report
+    from .specs import make_spec
+
+    client = _client(args)
+    if args.determinism_command == "report":
+        _print_frame(report(client, config_hash=args.config_hash, model=args.model,
+                            kind=args.kind), args.format)
+        return 0
+    fields = json.loads(args.spec) if args.spec else {}
+    fields.update(model=args.model)
+    if args.text is not None:
+        fields["text" if args.kind == "score" else "prompt"] = args.text
+    spec = make_spec(args.kind, **fields)
+    jobs = client.repeat(spec, args.n, queues=args.queue or None)
+    digest = config_hash(spec)
+    print(f"config_hash {digest}")
+    for job in jobs:
+        print(job.id)
+    if args.wait is not None:
+        for job in jobs:
+            job.wait(timeout=args.wait or None)
+        _print_frame(report(client, config_hash=digest), args.format)
+    return 0
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job)
+    values = job.logits(timeout=args.wait)
+    ref = job.artifacts()["logits"]
+    print(f"uri     {ref.uri}\nshape   {list(ref.shape)}\ndtype   {ref.dtype}\n"
+          f"sha256  {ref.sha256}\nbytes   {ref.num_bytes}")
+    if args.out:
+        import numpy as np
+
+        np.save(args.out, values, allow_pickle=False)
+        print(f"saved   {args.out}")
     return 0
 
 
@@ -270,6 +316,33 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--height", type=int, help="pixels (default: 420)")
     plot.add_argument("--wait", type=float, default=0,
                       help="wait up to this many seconds for unfinished jobs")
+    logits = sub.add_parser("logits", help="a job's full-logits artifact (return_logits)")
+    logits.add_argument("job")
+    logits.add_argument("--out", help="also save the array to this .npy file")
+    logits.add_argument("--wait", type=float, help="wait up to this many seconds for the job")
+
+    det = sub.add_parser("determinism", help="repeat probes and compare their runs")
+    det_sub = det.add_subparsers(dest="determinism_command", required=True)
+    det_report = det_sub.add_parser(
+        "report", help="the determinism_report view: one row per probe configuration")
+    det_report.add_argument("--config-hash", help="only this configuration")
+    det_report.add_argument("--model", help="only this model")
+    det_report.add_argument("--kind", choices=["score", "generate"])
+    det_report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    det_repeat = det_sub.add_parser(
+        "repeat", help="submit one probe N times (to each --queue); prints the config hash "
+        "and job ids")
+    det_repeat.add_argument("kind", choices=["score", "generate"])
+    det_repeat.add_argument("text", nargs="?", help="text to score, or prompt to continue")
+    det_repeat.add_argument("--model", "-m", required=True)
+    det_repeat.add_argument("-n", type=int, default=5, help="runs per queue (default 5)")
+    det_repeat.add_argument("--queue", action="append",
+                            help="a queue to send the N runs to (repeatable)")
+    det_repeat.add_argument("--spec", help="a JSON object of further spec fields")
+    det_repeat.add_argument("--wait", type=float, nargs="?", const=0,
+                            help="wait for the runs (optionally at most this many seconds "
+                            "each) and print the report row")
+    det_repeat.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
@@ -286,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_worker(args, extra)
     args = parser.parse_args(argv)
     commands = {"submit": cmd_submit, "status": cmd_status, "show": cmd_show,
-                "sql": cmd_sql, "db": cmd_db, "export": cmd_export, "plot": cmd_plot}
+                "sql": cmd_sql, "db": cmd_db, "export": cmd_export, "plot": cmd_plot,
+                "determinism": cmd_determinism, "logits": cmd_logits}
     try:
         return commands[args.command](args)
     except LogprobeError as exc:

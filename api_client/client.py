@@ -10,11 +10,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from .artifacts import EMBEDDINGS_DIR, ArtifactStore, embedding_array
 from .broker import make_celery
 from .constants import TASK_RUN_PROBES, default_queue
 from .database import ensure_schema, make_engine, make_sessionmaker
+from .determinism import config_hash
+from .determinism import report as determinism_report
+from .embedding_specs import ArtifactEmbedding, InterpolateEmbedding, NoiseEmbedding
 from .errors import ConfigError
 from .jobs import JobHandle
+from .logits import check_logits_size_at_submit
 from .schema import Job, JobStatus
 from .settings import Settings, mask_url
 from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
@@ -24,6 +29,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
 AnySpec = ScoreSpec | GenerateSpec
+_EMBEDDING_SPECS = (ArtifactEmbedding, NoiseEmbedding, InterpolateEmbedding)
 
 
 class Client:
@@ -42,11 +48,12 @@ class Client:
         *,
         home: str | None = None,
         queue: str | None = None,
+        artifacts_url: str | None = None,
     ) -> None:
         #: Where submissions go when a call names no queue (default: logprobe.<backend>).
         self.queue = queue
         self.settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
-                                          home=home)
+                                          home=home, artifacts_url=artifacts_url)
         self._engine: Engine | None = None
         self._sessionmaker: sessionmaker[Session] | None = None
         self._celery: Celery | None = None
@@ -76,6 +83,11 @@ class Client:
         if self._celery is None:
             self._celery = make_celery(self.settings.resolved_redis_url())
         return self._celery
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """The artifact store (``LOGPROBE_ARTIFACTS_URL``, default ``$LOGPROBE_HOME/artifacts``)."""
+        return ArtifactStore.from_settings(self.settings)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -107,6 +119,8 @@ class Client:
         broker cannot be reached, the rows are removed again and the error raised.
         """
         parsed = [parse_spec(s) for s in specs]
+        for spec in parsed:
+            check_logits_size_at_submit(spec, self.settings.max_logits_bytes)
         now = datetime.now(timezone.utc)
         rows = [
             Job(
@@ -118,6 +132,7 @@ class Client:
                 spec=spec.model_dump(mode="json"),
                 queue=queue or self.queue or default_queue(spec.backend),
                 seed=getattr(spec, "seed", None),
+                config_hash=config_hash(spec),
                 created_at=now,
             )
             for spec in parsed
@@ -156,15 +171,22 @@ class Client:
         top_logprobs: int = 0,
         backend: str = "hf",
         queue: str | None = None,
+        embedding: Any = None,
         **options: Any,
     ) -> JobHandle:
         """Score a text (or token ids): loss and per-token logprobs. Returns at once.
 
-        ``options`` are the remaining :class:`ScoreSpec` fields (revision, dtype, device).
+        ``embedding`` scores an input embedding instead: an array ``[seq, hidden]``
+        (numpy or torch; uploaded to the artifact store) or an embedding spec
+        (:class:`NoiseEmbedding`, :class:`InterpolateEmbedding`, or its dict);
+        ``token_ids`` are then the target ids of its positions.
+        ``options`` are the remaining :class:`ScoreSpec` fields (revision, dtype,
+        device, return_logits, logits_last_n, logits_dtype).
         """
         spec = make_spec("score", text=text, token_ids=list(token_ids) if token_ids else None,
                          model=model, prepend_bos=prepend_bos, top_logprobs=top_logprobs,
-                         backend=backend, **options)
+                         backend=backend, embedding=self._embedding_field(embedding),
+                         **options)
         return self.submit(spec, queue=queue)
 
     def score_many(
@@ -176,20 +198,82 @@ class Client:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | None = None,
         *,
         model: str,
         max_new_tokens: int = 16,
         do_sample: bool = False,
         backend: str = "hf",
         queue: str | None = None,
+        embedding: Any = None,
         **options: Any,
     ) -> JobHandle:
-        """Continue a prompt. ``options`` are the remaining :class:`GenerateSpec` fields
-        (temperature, top_k, top_p, seed, num_return_sequences, top_logprobs, ...)."""
+        """Continue a prompt, or an input ``embedding`` (an array or embedding spec, as
+        for :meth:`score`). ``options`` are the remaining :class:`GenerateSpec` fields
+        (temperature, top_k, top_p, seed, num_return_sequences, top_logprobs,
+        return_logits, ...)."""
         spec = make_spec("generate", prompt=prompt, model=model, max_new_tokens=max_new_tokens,
-                         do_sample=do_sample, backend=backend, **options)
+                         do_sample=do_sample, backend=backend,
+                         embedding=self._embedding_field(embedding), **options)
         return self.submit(spec, queue=queue)
+
+    # --- embeddings and repeats ----------------------------------------------------
+
+    def upload_embedding(self, array: Any) -> ArtifactEmbedding:
+        """Store a ``[seq, hidden]`` (or ``[1, seq, hidden]``) array as safetensors in the
+        artifact store; returns the spec that refers to it by URI and sha256.
+
+        Raises :class:`SpecError` for a wrong shape, a non-float dtype or NaN/inf values.
+        """
+        values = embedding_array(array)
+        ref = self.artifacts.put_array(EMBEDDINGS_DIR, "embedding", values)
+        return ArtifactEmbedding(uri=ref.uri, sha256=ref.sha256,
+                                 shape=(values.shape[0], values.shape[1]),
+                                 dtype=ref.dtype)  # type: ignore[arg-type]
+
+    def _embedding_field(self, embedding: Any) -> Any:
+        """An embedding argument as spec JSON: arrays are uploaded, specs passed through."""
+        if embedding is None or isinstance(embedding, dict):
+            return embedding
+        if isinstance(embedding, _EMBEDDING_SPECS):
+            return embedding.model_dump(mode="json")
+        return self.upload_embedding(embedding).model_dump(mode="json")
+
+    def repeat(
+        self,
+        probe: AnySpec | dict[str, Any] | None = None,
+        n: int = 5,
+        *,
+        queues: Sequence[str] | None = None,
+        **fields: Any,
+    ) -> list[JobHandle]:
+        """Submit the same probe ``n`` times (to each of ``queues``, if given).
+
+        ``probe`` is a spec (object or dict), or leave it out and pass the spec's
+        fields as keywords (``kind="generate", prompt=..., model=...``). All the
+        jobs share one ``config_hash``; compare them with :meth:`determinism`.
+        """
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        if probe is None:
+            kind = fields.pop("kind", None)
+            if kind is None:
+                raise ValueError("repeat() needs a probe spec, or kind=... and the spec fields")
+            if "embedding" in fields:
+                fields["embedding"] = self._embedding_field(fields["embedding"])
+            probe = make_spec(kind, **fields)
+        elif fields:
+            raise ValueError("pass either a probe spec or keyword fields, not both")
+        spec = parse_spec(probe)
+        handles: list[JobHandle] = []
+        for queue in list(queues) if queues else [None]:
+            handles.extend(self.submit_many([spec] * n, queue=queue))
+        return handles
+
+    def determinism(self, *, config_hash: str | None = None, model: str | None = None,
+                    kind: str | None = None) -> pd.DataFrame:
+        """The ``determinism_report`` view: one row per probe configuration."""
+        return determinism_report(self, config_hash=config_hash, model=model, kind=kind)
 
     # --- reading -----------------------------------------------------------------
 

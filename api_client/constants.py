@@ -19,6 +19,11 @@ REDIS_PREFIX = "logprobe"
 ENV_REDIS_URL = "LOGPROBE_REDIS_URL"
 ENV_DATABASE_URL = "LOGPROBE_DATABASE_URL"
 ENV_HOME = "LOGPROBE_HOME"
+ENV_ARTIFACTS_URL = "LOGPROBE_ARTIFACTS_URL"
+ENV_MAX_LOGITS_BYTES = "LOGPROBE_MAX_LOGITS_BYTES"
+
+#: Default cap on one job's full-logits artifact (``return_logits=True``): 1 GiB.
+DEFAULT_MAX_LOGITS_BYTES = 1 << 30
 
 
 def default_queue(backend: str) -> str:

@@ -6,14 +6,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import select
 
-from .errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
+from .artifacts import ArtifactRef, load_array
+from .errors import ArtifactError, JobCancelled, JobFailed, JobNotFound, JobTimeout
 from .results import ProbeResult, read_result
-from .schema import Job, JobStatus
+from .schema import Artifact, Job, JobStatus
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import numpy as np
     from matplotlib.figure import Figure
 
     from .client import Client
@@ -100,3 +103,33 @@ class JobHandle:
         if path is None:
             return plot.figure([result], sequence=sequence, **options)
         return plot.write_plot([result], path, sequence=sequence, **options)
+    def artifacts(self) -> dict[str, ArtifactRef]:
+        """The job's files in the artifact store, by name (``logits``, ``input_embeds``)."""
+        with self.client.session() as session:
+            rows = session.scalars(select(Artifact).where(Artifact.job_id == self.id)).all()
+        return {r.name: ArtifactRef(r.uri, r.sha256, tuple(r.shape), r.dtype, r.num_bytes)
+                for r in rows}
+
+    def logits(self, timeout: float | None = None, *, as_torch: bool = False) -> np.ndarray:
+        """The full logits the job stored (``return_logits=True``), checked against their
+        sha256: a numpy array, or a torch tensor with ``as_torch=True``.
+
+        Score probes: ``[positions, vocab]``; generate probes: ``[sequences, steps, vocab]``.
+        """
+        self.result(timeout)  # raises if the job failed
+        ref = self.artifacts().get("logits")
+        if ref is None:
+            raise ArtifactError(
+                f"job {self.id} stored no logits; submit it with return_logits=True"
+            )
+        array = load_array(ref.uri, ref.sha256)
+        if tuple(array.shape) != ref.shape or str(array.dtype) != ref.dtype:
+            raise ArtifactError(
+                f"logits of job {self.id} at {ref.uri} are {array.dtype} {list(array.shape)}, "
+                f"not the recorded {ref.dtype} {list(ref.shape)}"
+            )
+        if as_torch:
+            import torch  # only when asked: the client does not need torch
+
+            return torch.from_numpy(array.copy())  # type: ignore[return-value]
+        return array

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from .embedding_specs import AnyEmbedding, ArtifactEmbedding, EmbeddingInput, LogitsDType
 from .errors import SpecError
 
 Backend = Literal["hf", "openai"]
@@ -96,6 +97,20 @@ class _ProbeBase(BaseModel):
                              "temperature with backend='openai'")
         return self
 
+    @model_validator(mode="after")
+    def check_tensor_options(self) -> _ProbeBase:
+        """Embedding inputs and full logits: hf only; logits options need return_logits."""
+        embedding: AnyEmbedding | None = getattr(self, "embedding", None)
+        return_logits: bool = getattr(self, "return_logits", False)
+        if self.backend != "hf" and (embedding is not None or return_logits):
+            raise ValueError(
+                "embedding and return_logits need the 'hf' backend (OpenAI serves neither "
+                "input embeddings nor full logits); set backend='hf' or drop them"
+            )
+        if not return_logits and getattr(self, "logits_last_n", None) is not None:
+            raise ValueError("logits_last_n only applies with return_logits=True")
+        return self
+
 
 class ScoreSpec(_ProbeBase):
     """Score a text: its loss and the log-probability of every token.
@@ -113,15 +128,48 @@ class ScoreSpec(_ProbeBase):
         default=False, description="score the first token too, given the BOS token"
     )
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    embedding: EmbeddingInput | None = Field(
+        default=None,
+        description="score inputs_embeds instead of text; token_ids are then the optional "
+        "target ids (one per position) that logprobs and the loss are computed for",
+    )
+    return_logits: bool = Field(default=False, description="store the full logits artifact")
+    logits_last_n: int | None = Field(default=None, ge=1,
+                                      description="store only the last N positions' logits")
+    logits_dtype: LogitsDType = "float32"
 
     @model_validator(mode="after")
     def check_one_input(self) -> ScoreSpec:
+        if self.embedding is not None:
+            return self._check_embedding_input(self.embedding)
         if (self.text is None) == (self.token_ids is None):
             raise ValueError("give exactly one of text and token_ids")
         if self.token_ids is not None and len(self.token_ids) < 2 and not self.prepend_bos:
             raise ValueError(
                 "token_ids has one token, which has nothing before it to be scored "
                 "against; pass prepend_bos=True or at least two tokens"
+            )
+        return self
+
+    def _check_embedding_input(self, embedding: AnyEmbedding) -> ScoreSpec:
+        if self.text is not None:
+            raise ValueError(
+                "give either text or embedding, not both (with an embedding, token_ids "
+                "are the optional target ids of its positions)"
+            )
+        if self.prepend_bos:
+            raise ValueError(
+                "prepend_bos does not apply to an embedding input; put the BOS token's "
+                "embedding into the array instead"
+            )
+        if (
+            isinstance(embedding, ArtifactEmbedding)
+            and self.token_ids is not None
+            and len(self.token_ids) != embedding.shape[0]
+        ):
+            raise ValueError(
+                f"token_ids has {len(self.token_ids)} ids but the embedding has "
+                f"{embedding.shape[0]} positions; give one target id per position"
             )
         return self
 
@@ -136,7 +184,7 @@ class GenerateSpec(_ProbeBase):
     """
 
     kind: Literal["generate"] = "generate"
-    prompt: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
     max_new_tokens: int = Field(default=16, ge=1, le=100_000)
     do_sample: bool = False
     temperature: float | None = Field(default=None, gt=0, le=100)
@@ -145,6 +193,24 @@ class GenerateSpec(_ProbeBase):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_return_sequences: int = Field(default=1, ge=1, le=64)
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    embedding: EmbeddingInput | None = Field(
+        default=None, description="continue these inputs_embeds instead of a text prompt"
+    )
+    return_logits: bool = Field(
+        default=False, description="store the raw logits of every generation step"
+    )
+    logits_last_n: int | None = Field(default=None, ge=1,
+                                      description="store only the last N steps' logits")
+    logits_dtype: LogitsDType = "float32"
+
+    @model_validator(mode="after")
+    def check_one_prompt(self) -> GenerateSpec:
+        if (self.prompt is None) == (self.embedding is None):
+            raise ValueError(
+                "give exactly one of prompt and embedding (an embedding input replaces "
+                "the prompt)"
+            )
+        return self
 
     @model_validator(mode="after")
     def check_sampling(self) -> GenerateSpec:

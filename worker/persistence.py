@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy import delete, insert, update
 from sqlalchemy.orm import Session
 
-from api_client.schema import Job, JobStatus, Sequence, Token, TopLogprob
+from api_client.determinism import output_hash
+from api_client.schema import Artifact, Job, JobStatus, Sequence, Token, TopLogprob
 
 from .backends.base import ProbeOutput
 
@@ -94,7 +95,7 @@ def _token_rows(job_id: str, output: ProbeOutput) -> tuple[list[dict], list[dict
 
 
 def _clear_rows(session: Session, job_id: str) -> None:
-    for table in (TopLogprob, Token, Sequence):
+    for table in (TopLogprob, Token, Sequence, Artifact):
         session.execute(delete(table).where(table.job_id == job_id))
 
 
@@ -119,11 +120,13 @@ def store_output(session: Session, job_id: str, output: ProbeOutput) -> bool:
         _bulk_insert(session, Sequence, sequences)
         _bulk_insert(session, Token, tokens)
         _bulk_insert(session, TopLogprob, alternatives)
+        _bulk_insert(session, Artifact, ({"job_id": job_id, **a} for a in output.artifacts))
         values: dict[str, Any] = {
             "status": JobStatus.SUCCEEDED,
             "loss": output.loss,
             "sum_logprob": output.sum_logprob,
             "num_scored_tokens": output.num_scored_tokens,
+            "output_hash": output_hash(output.sequences),
             "error": None,
             "error_type": None,
             "finished_at": _now(),

@@ -14,11 +14,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from api_client.artifacts import ArtifactStore
 from api_client.database import make_engine, make_sessionmaker
 from api_client.errors import SpecError
 from api_client.settings import Settings
 from api_client.specs import parse_spec
 
+from .artifact_output import write_logits
 from .backends import get_backend
 from .backends.base import AnySpec
 from .config import WorkerOptions
@@ -41,6 +43,10 @@ class ProcessState:
             engine = make_engine(self.settings.resolved_database_url())
             self._sessions = make_sessionmaker(engine)
         return self._sessions()
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        return ArtifactStore.from_settings(self.settings)
 
     def backend_options(self, name: str) -> dict[str, Any]:
         if name == "hf":
@@ -84,6 +90,8 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
             log.exception("backend %s failed", backend_name)
             outputs = [exc] * len(jobs)
         for (job_id, _), output in zip(jobs, outputs, strict=True):
+            if not isinstance(output, Exception) and output.logits is not None:
+                output = write_logits(output, job_id, state.artifacts)
             with state.session() as session:
                 if isinstance(output, Exception):
                     store_failure(session, job_id, output)

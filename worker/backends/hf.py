@@ -21,6 +21,7 @@ from .base import AnySpec, Backend, ProbeOutput
 from .hf_generate import generate
 from .hf_models import ModelCache
 from .hf_score import score
+from .hf_tensor_score import score_tensors
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class HFBackend(Backend):
     def run_one(self, spec: AnySpec) -> ProbeOutput:
         lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device)
         if isinstance(spec, ScoreSpec):
+            if spec.embedding is not None or spec.return_logits:
+                return score_tensors(lm, spec)
             return score(lm, spec)
         return generate(lm, spec)
 

@@ -14,6 +14,8 @@ from api_client.specs import GenerateSpec
 
 from .base import ProbeOutput
 from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
+from .hf_embeddings import build_embedding
+from .hf_logits import check_logits_rows, forward_logits, logits_array, position_tokens
 from .hf_models import LoadedModel
 
 
@@ -36,6 +38,7 @@ def generation_config(lm: LoadedModel, spec: GenerateSpec) -> GenerationConfig:
         else eos,
         "bos_token_id": lm.bos_token_id,
         "output_scores": True,
+        "output_logits": spec.return_logits,
         "return_dict_in_generate": True,
     }
     if spec.do_sample:
@@ -48,32 +51,47 @@ def generation_config(lm: LoadedModel, spec: GenerateSpec) -> GenerationConfig:
 
 
 def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
-    prompt_ids = lm.tokenizer(spec.prompt)["input_ids"]
-    if not prompt_ids:
-        raise ProbeInputError("the prompt encodes to no tokens; pass a non-empty prompt")
-    check_ids(lm, prompt_ids, "the prompt", extra=spec.max_new_tokens)
+    artifacts: list[dict[str, Any]] = []
+    if spec.embedding is not None:  # inputs_embeds: generate() returns only new tokens
+        built = build_embedding(lm, spec.embedding, "generate", spec.max_new_tokens)
+        artifacts = built.artifacts
+        n_prompt, offset = built.length, 0
+        targets: list[int | None] = list(built.ids) if built.ids else [None] * n_prompt
+        prompt_tokens = tuple(position_tokens(
+            lm, forward_logits(lm, inputs_embeds=built.embeds), targets, spec.top_logprobs))
+        model_inputs = {"inputs_embeds": built.embeds,
+                        "attention_mask": torch.ones(built.embeds.shape[:2], dtype=torch.long,
+                                                     device=lm.device)}
+    else:
+        assert spec.prompt is not None
+        prompt_ids = lm.tokenizer(spec.prompt)["input_ids"]
+        if not prompt_ids:
+            raise ProbeInputError("the prompt encodes to no tokens; pass a non-empty prompt")
+        check_ids(lm, prompt_ids, "the prompt", extra=spec.max_new_tokens)
+        prompt_tokens = tuple(text_logprobs(lm, prompt_ids, spec.top_logprobs))
+        input_ids = torch.tensor([prompt_ids], device=lm.device)
+        model_inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        n_prompt = offset = len(prompt_ids)
+    if spec.return_logits:
+        steps = min(spec.max_new_tokens, spec.logits_last_n or spec.max_new_tokens)
+        check_logits_rows(lm, spec, steps * spec.num_return_sequences, exact=False)
     seed = (spec.seed if spec.seed is not None else pick_seed()) if spec.do_sample else None
-    prompt_tokens = tuple(text_logprobs(lm, prompt_ids, spec.top_logprobs))
 
-    input_ids = torch.tensor([prompt_ids], device=lm.device)
     config = generation_config(lm, spec)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
-        out = lm.model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
-        )
+        out = lm.model.generate(**model_inputs, generation_config=config)
         scores = tuple(s.float() for s in out.scores)
         transition = lm.model.compute_transition_scores(
             out.sequences, scores, normalize_logits=True
         )
         step_logprobs = [torch.log_softmax(s, dim=-1) for s in scores]
 
-    n_prompt = len(prompt_ids)
     eos = lm.eos_token_id
     sequences = []
     for r in range(out.sequences.shape[0]):
-        generated = out.sequences[r, n_prompt:].tolist()
+        generated = out.sequences[r, offset:].tolist()
         finish = "length"
         if eos is not None and eos in generated:
             generated = generated[: generated.index(eos) + 1]
@@ -104,7 +122,12 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
                 finish_reason=finish,
             )
         )
+    logits = None
+    if spec.return_logits:  # raw logits of each step: [sequences, steps, vocab]
+        logits = logits_array(torch.stack([s.float() for s in out.logits], dim=1), spec)
     return ProbeOutput(
         sequences=sequences,
         provenance={**lm.provenance(), "seed": seed, "batch_size": 1},
+        logits=logits,
+        artifacts=artifacts,
     )

@@ -132,13 +132,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    frame = _client(args).sql(args.query)
-    if args.format == "csv":
-        print(frame.to_csv(index=False), end="")
-    elif args.format == "json":
-        print(frame.to_json(orient="records", date_format="iso"))
-    else:
-        print(frame.to_string(index=False) if len(frame) else "(no rows)")
+    _print_frame(_client(args).sql(args.query), args.format)
     return 0
 
 
@@ -179,6 +173,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for output in outputs:
         print(write_plot(results, output, sequence=args.sequence, width=args.width,
                          height=args.height))
+    return 0
+
+
 def _print_frame(frame: Any, fmt: str) -> None:
     if fmt == "csv":
         print(frame.to_csv(index=False), end="")

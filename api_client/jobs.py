@@ -103,6 +103,7 @@ class JobHandle:
         if path is None:
             return plot.figure([result], sequence=sequence, **options)
         return plot.write_plot([result], path, sequence=sequence, **options)
+
     def artifacts(self) -> dict[str, ArtifactRef]:
         """The job's files in the artifact store, by name (``logits``, ``input_embeds``)."""
         with self.client.session() as session:

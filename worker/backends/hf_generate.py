@@ -12,9 +12,11 @@ from api_client.errors import ProbeInputError
 from api_client.results import SequenceResult, TokenLogprob
 from api_client.specs import GenerateSpec
 
+from ..control import control_for
 from .base import ProbeOutput
 from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
 from .hf_models import LoadedModel
+from .hf_stopping import job_stopping_criteria
 
 
 def pick_seed() -> int:
@@ -57,17 +59,24 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
 
     input_ids = torch.tensor([prompt_ids], device=lm.device)
     config = generation_config(lm, spec)
+    control = control_for(spec)  # progress, cancel flag, time limit of the running job
+    criteria = job_stopping_criteria(control, len(prompt_ids), spec.max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
         out = lm.model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+            input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+            stopping_criteria=criteria,
         )
-        scores = tuple(s.float() for s in out.scores)
-        transition = lm.model.compute_transition_scores(
-            out.sequences, scores, normalize_logits=True
-        )
-        step_logprobs = [torch.log_softmax(s, dim=-1) for s in scores]
+        # = compute_transition_scores(sequences, scores, normalize_logits=True) (no beams),
+        # with one contiguous log_softmax that the alternatives reuse: transformers'
+        # version normalizes along a strided axis, which takes seconds for a few hundred
+        # steps and would delay storing a cancelled generation.
+        step_logprobs = torch.log_softmax(
+            torch.stack([s.float() for s in out.scores], dim=1), dim=-1
+        )  # [sequences, steps, vocab]
+        chosen = out.sequences[:, out.sequences.shape[1] - step_logprobs.shape[1]:]
+        transition = step_logprobs.gather(2, chosen[..., None])[..., 0]
 
     n_prompt = len(prompt_ids)
     eos = lm.eos_token_id
@@ -78,10 +87,12 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
         if eos is not None and eos in generated:
             generated = generated[: generated.index(eos) + 1]
             finish = "stop"
+        elif control is not None and control.stop_reason is not None:
+            finish = control.stop_reason  # "cancelled" or "time_limit": a partial result
         steps = len(generated)
         logprobs = transition[r, :steps].tolist()
         step_alternatives = top_alternatives(
-            lm, torch.stack([step_logprobs[t][r] for t in range(steps)]), spec.top_logprobs
+            lm, step_logprobs[r, :steps], spec.top_logprobs
         ) if steps else []
         texts = decode_each(lm, generated)
         tokens = tuple(

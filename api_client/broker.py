@@ -26,11 +26,13 @@ HARD_LIMIT_GRACE = 90
 
 
 def soft_limit_grace(limit: int) -> int:
-    return min(SOFT_LIMIT_GRACE, max(1, limit // 10))
+    """Seconds after the job's own limit before Celery's soft limit interrupts it
+    (enough to store what a stopped job computed)."""
+    return min(SOFT_LIMIT_GRACE, max(3, limit // 10))
 
 
 def hard_limit_grace(limit: int) -> int:
-    return min(HARD_LIMIT_GRACE, max(2, limit // 5))
+    return min(HARD_LIMIT_GRACE, max(6, limit // 5))
 
 
 def _env_seconds(name: str, default: int) -> int:

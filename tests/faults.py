@@ -109,6 +109,10 @@ class TcpProxy:
     def stop(self) -> None:
         """Refuse new connections and cut every open one, as a crashed server would."""
         if self._server is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would not,
+            # and the kernel would go on accepting connections.
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
             self._server.close()
             self._server = None
         with self._lock:

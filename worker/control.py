@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_INTERVAL = float(os.environ.get("LOGPROBE_CANCEL_POLL_SECONDS", "0.02"))
 #: How often it writes progress to Redis (seconds).
 PROGRESS_INTERVAL = float(os.environ.get("LOGPROBE_PROGRESS_SECONDS", "0.5"))
+#: A running job whose heartbeat is younger than this is alive (seconds).
+HEARTBEAT_FRESH = 5.0
 
 CANCELLED = "cancelled"
 TIME_LIMIT = "time_limit"
@@ -93,7 +96,8 @@ class JobControl:
     def _report(self, final: bool = False) -> None:
         fields: dict[str, Any] = {
             "done": self.done, "unit": self.unit, "updated": time.time(),
-            "worker": self.worker, "pid": os.getpid(), "final": int(final),
+            "worker": self.worker, "pid": os.getpid(), "host": socket.gethostname(),
+            "final": int(final),
         }
         if self.total is not None:
             fields["total"] = self.total
@@ -139,6 +143,40 @@ class JobControl:
                 self._report(final=True)
             except Exception as exc:
                 log.debug("final progress of job %s not written: %s", self.job_id, exc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_elsewhere(redis: Any, job_id: str) -> str | None:
+    """Who is running ``job_id`` right now, if another live process is (else None).
+
+    A message can be delivered again while its job still runs: the broker connection
+    dropped and Celery restored the unacknowledged message, or a visibility timeout
+    was set too short. The job's heartbeat says whether its runner is alive: fresh,
+    not final, and not a dead process on this host.
+    """
+    try:
+        raw = redis.hgetall(progress_key(job_id))
+    except Exception:
+        return None
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    if not fields or fields.get("final") == "1" or "updated" not in fields:
+        return None
+    age = time.time() - float(fields["updated"])
+    pid = int(fields.get("pid") or 0)
+    if age > HEARTBEAT_FRESH or pid == os.getpid():
+        return None
+    if fields.get("host") == socket.gethostname() and not _pid_alive(pid):
+        return None
+    return f"{fields.get('worker') or '?'} (pid {pid}, heartbeat {age:.1f}s ago)"
 
 
 _active: ContextVar[Mapping[int, JobControl] | None] = ContextVar("logprobe_job_controls",

@@ -25,7 +25,7 @@ from api_client.specs import parse_spec
 from .backends import get_backend
 from .backends.base import AnySpec, ProbeOutput
 from .config import WorkerOptions
-from .control import CANCELLED, TIME_LIMIT, JobControl, monitoring
+from .control import CANCELLED, TIME_LIMIT, JobControl, monitoring, running_elsewhere
 from .db_retry import with_db_retry
 from .failures import cancel_message, describe_failure, release_memory, time_limit_message
 from .persistence import claim, store_cancelled, store_failure, store_output
@@ -129,7 +129,10 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
     claimed: dict[str, list[tuple[str, AnySpec, JobControl]]] = defaultdict(list)
     for item in items:
         job_id = item["id"]
-
+        owner = running_elsewhere(state.redis, job_id)
+        if owner is not None:  # a redelivered message; its result will be stored once
+            log.info("job %s is running in %s; not running it twice", job_id, owner)
+            continue
         if not _with_session(state, f"claim job {job_id}",
                              lambda s, job_id=job_id: claim(s, job_id, worker_name,
                                                             state.options.max_attempts)):

@@ -28,7 +28,7 @@ from tests.test_long_jobs import PROMPT, reference_greedy_logprobs
 
 pytestmark = pytest.mark.postgres
 
-N_TOKENS = 200
+N_TOKENS = 800  # a few seconds of generation on the tiny model
 
 
 @pytest.fixture
@@ -45,7 +45,9 @@ def _worker(queue: str, redis_url: str, database_url: str, log_dir: Path,
     # OMP_NUM_THREADS=1: see test_long_jobs (OpenMP threads on a small shared machine).
     return WorkerProcess(backend="hf", queue=queue, redis_url=redis_url,
                          database_url=database_url, log_dir=log_dir / (name or "w"),
-                         extra_args=list(extra), env={"OMP_NUM_THREADS": "1", **(env or {})})
+                         extra_args=list(extra),
+                         env={"OMP_NUM_THREADS": "1", "LOGPROBE_PROGRESS_SECONDS": "0.1",
+                              **(env or {})})
 
 
 def _running(client: Client, job_id: str, min_done: int = 10,

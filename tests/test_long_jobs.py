@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from functools import cache
+from typing import Any
 
 import pytest
 import torch
@@ -38,13 +39,23 @@ def reference_greedy_logprobs(path: str, prompt: str, n: int) -> tuple[list[int]
     """Hugging Face's own greedy generation of ``n`` tokens and their transition scores."""
     model, tok = reference(path)
     ids = torch.tensor([tok(prompt)["input_ids"]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the worker's OMP_NUM_THREADS below
+    try:
+        out = _greedy(model, tok, ids, n)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
         scores = model.compute_transition_scores(out.sequences, out.scores,
                                                  normalize_logits=True)
     return out.sequences[0, ids.shape[1]:].tolist(), scores[0].tolist()
+
+
+def _greedy(model: Any, tok: Any, ids: torch.Tensor, n: int) -> Any:
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
 
 
 @pytest.fixture(scope="module")

@@ -69,14 +69,15 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
             stopping_criteria=criteria,
         )
         # = compute_transition_scores(sequences, scores, normalize_logits=True) (no beams),
-        # with one contiguous log_softmax that the alternatives reuse: transformers'
-        # version normalizes along a strided axis, which takes seconds for a few hundred
-        # steps and would delay storing a cancelled generation.
-        step_logprobs = torch.log_softmax(
-            torch.stack([s.float() for s in out.scores], dim=1), dim=-1
-        )  # [sequences, steps, vocab]
-        chosen = out.sequences[:, out.sequences.shape[1] - step_logprobs.shape[1]:]
-        transition = step_logprobs.gather(2, chosen[..., None])[..., 0]
+        # as score[token] - logsumexp(score), one step at a time: no [steps, vocab]
+        # copies of the scores (2 GB each for 10,000 steps of GPT-2), which transformers'
+        # version makes and normalizes along a strided axis (seconds per few hundred steps).
+        scores = out.scores  # one [sequences, vocab] tensor per step
+        chosen = out.sequences[:, out.sequences.shape[1] - len(scores):]
+        log_norm = torch.stack([torch.logsumexp(s.float(), dim=-1) for s in scores], dim=1)
+        picked = torch.stack([s.float().gather(1, chosen[:, t, None])[:, 0]
+                              for t, s in enumerate(scores)], dim=1)
+        transition = picked - log_norm  # [sequences, steps]
 
     n_prompt = len(prompt_ids)
     eos = lm.eos_token_id
@@ -91,9 +92,11 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
             finish = control.stop_reason  # "cancelled" or "time_limit": a partial result
         steps = len(generated)
         logprobs = transition[r, :steps].tolist()
-        step_alternatives = top_alternatives(
-            lm, step_logprobs[r, :steps], spec.top_logprobs
-        ) if steps else []
+        step_logprobs = (
+            torch.stack([scores[t][r].float() - log_norm[r, t] for t in range(steps)])
+            if spec.top_logprobs and steps else torch.empty(steps, 0)
+        )
+        step_alternatives = top_alternatives(lm, step_logprobs, spec.top_logprobs)
         texts = decode_each(lm, generated)
         tokens = tuple(
             TokenLogprob(

@@ -18,6 +18,7 @@ defaults (embedded Redis, SQLite) under a temporary ``LOGPROBE_HOME``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -107,6 +108,17 @@ def stop_workers(workers: list[subprocess.Popen]) -> None:
             os.killpg(worker.pid, signal.SIGKILL)
 
 
+def stop_embedded(data_dir: Path) -> None:
+    """Shut down the embedded Redis this script started (waiting for it to go)."""
+    import redis
+
+    port_file = data_dir / "port"
+    if port_file.exists():
+        connection = redis.Redis(port=int(port_file.read_text()), socket_timeout=5)
+        with contextlib.suppress(redis.RedisError):  # it closes the connection as it exits
+            connection.shutdown(nosave=True)
+
+
 def run_batch(client: object, jobs: list, what: str, tokens_of: object) -> None:
     """Wait for ``jobs`` and print throughput over the batch and per job."""
     started = time.monotonic()
@@ -187,9 +199,8 @@ def main() -> int:
             run_batch(client, gen_jobs, "generation", lambda r: len(r.tokens))
     finally:
         stop_workers(workers)
-        from api_client.embedded_redis import stop_embedded_redis
-
-        stop_embedded_redis(Path(env["LOGPROBE_HOME"]) / "redis")
+        if not os.environ.get("LOGPROBE_REDIS_URL"):
+            stop_embedded(Path(env["LOGPROBE_HOME"]) / "redis")
         if args.model_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0

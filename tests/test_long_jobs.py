@@ -82,13 +82,12 @@ def lj_client(lj_worker: LimitedWorkerProcess) -> Iterator[Client]:
         yield client
 
 
-def _status_cli(client: Client, job_id: str) -> str:
+def _cli(client: Client, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         logprobe_command("--redis-url", client.settings.redis_url or "",
-                         "--database-url", client.settings.database_url or "",
-                         "status", job_id),
-        capture_output=True, text=True, check=True, env=subprocess_env(), timeout=60,
-    ).stdout
+                         "--database-url", client.settings.database_url or "", *args),
+        capture_output=True, text=True, check=check, env=subprocess_env(), timeout=60,
+    )
 
 
 def test_progress_and_cancel_of_a_10000_token_generation(lj_client: Client,
@@ -103,11 +102,12 @@ def test_progress_and_cancel_of_a_10000_token_generation(lj_client: Client,
                        "more progress")
     assert later.rate is not None and later.rate > 0
     assert later.eta_seconds is not None and later.eta_seconds > 0
-    assert "/10000 tokens" in _status_cli(lj_client, job.id)
+    assert "/10000 tokens" in _cli(lj_client, "status", job.id).stdout
 
-    # A queued job is cancelled before it ever starts.
+    # A queued job is cancelled before it ever starts (here with `logprobe cancel`).
     assert behind.status() is JobStatus.QUEUED
-    assert behind.cancel() is JobStatus.CANCELLED
+    assert _cli(lj_client, "cancel", behind.id).stdout.strip() == f"{behind.id} cancelled"
+    assert behind.status() is JobStatus.CANCELLED
 
     # The running one stops at its next decoding step; what it computed is kept.
     done_before = job.progress().done
@@ -134,6 +134,9 @@ def test_progress_and_cancel_of_a_10000_token_generation(lj_client: Client,
                30, "the worker to take the cancelled job's message")
     time.sleep(0.5)
     assert behind.info()["attempts"] == 0 and behind.status() is JobStatus.CANCELLED
+    waited = _cli(lj_client, "wait", job.id, "--no-progress", check=False)
+    assert waited.returncode == 1
+    assert waited.stdout.startswith(f"{job.id} cancelled: cancelled by request after ")
 
 
 def test_result_with_progress_bar(lj_client: Client, long_gpt2: str,

@@ -14,6 +14,7 @@ from .errors import (
     SpecError,
 )
 from .jobs import JobHandle
+from .progress import JobProgress
 from .results import Alternative, ProbeResult, SequenceResult, TokenLogprob
 from .schema import JobStatus
 from .specs import GenerateSpec, ScoreSpec, parse_spec
@@ -27,6 +28,7 @@ __all__ = [
     "JobFailed",
     "JobHandle",
     "JobNotFound",
+    "JobProgress",
     "JobStatus",
     "JobTimeout",
     "LogprobeError",

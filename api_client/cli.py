@@ -103,7 +103,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     info = job.info()
     keep = ["id", "kind", "backend", "model", "status", "worker", "attempts", "loss", "seed",
             "model_revision", "device", "dtype", "created_at", "started_at", "finished_at",
-            "error"]
+            "time_limit", "error"]
     for key in keep:
         if info.get(key) is not None:
             value = info[key].value if hasattr(info[key], "value") else info[key]

@@ -99,6 +99,8 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
     if isinstance(output, Exception):
         error_type, message = describe_failure(output, control)
         log.info("job %s failed: %s", job_id, message)
+        # The traceback's frames hold the failed job's tensors; drop them before freeing.
+        output.__traceback__ = None
         if error_type == "OutOfMemory":
             release_memory()
         _store(state, f"store the failure of job {job_id}",
@@ -173,13 +175,11 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
                          1000 * (time.monotonic() - control.stopped_at))
 
 
-
-def fail_unfinished(items: Iterable[dict[str, Any]], exc: BaseException) -> None:
+def fail_unfinished(items: Iterable[dict[str, Any]]) -> None:
     """Fail the still-unfinished jobs of a task Celery stopped (hard/soft time limit)."""
     state = process_state()
     for item in items:
         limit = float(item.get("time_limit") or default_job_time_limit())
-        message = time_limit_message(limit) if "TimeLimit" in type(exc).__name__ else str(exc)
         _store(state, f"fail job {item['id']}",
-               lambda s, job_id=item["id"], message=message: store_failure(
-                   s, job_id, message, error_type=type(exc).__name__))
+               lambda s, job_id=item["id"], limit=limit: store_failure(
+                   s, job_id, time_limit_message(limit), error_type="TimeLimitExceeded"))

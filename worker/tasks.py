@@ -40,6 +40,6 @@ def _on_time_limit(sender: Any = None, exception: BaseException | None = None,
         return
     try:
         jobs = (args or [{}])[0].get("jobs", [])
-        fail_unfinished(jobs, exception)
+        fail_unfinished(jobs)
     except Exception:  # never break the worker's failure handling
         log.exception("could not mark timed-out jobs failed")

@@ -16,6 +16,7 @@ from .errors import (
     SpecError,
 )
 from .jobs import JobHandle
+from .progress import JobProgress
 from .results import Alternative, ProbeResult, SequenceResult, TokenLogprob
 from .schema import JobStatus
 from .specs import GenerateSpec, ScoreSpec, parse_spec
@@ -32,6 +33,7 @@ __all__ = [
     "JobFailed",
     "JobHandle",
     "JobNotFound",
+    "JobProgress",
     "JobStatus",
     "JobTimeout",
     "LogprobeError",

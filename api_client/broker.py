@@ -6,21 +6,93 @@ so it needs this configuration but none of the worker's code.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
+
+from .constants import ENV_JOB_TIME_LIMIT, ENV_VISIBILITY_TIMEOUT
+from .errors import ConfigError
 
 #: Longest a job may run before the worker stops it (seconds); jobs may ask for less.
 DEFAULT_JOB_TIME_LIMIT = 6 * 3600
 #: Redis redelivers an unacked message after this long, even if it is still running:
 #: it must stay above the longest job's time limit, or a long job runs twice.
 VISIBILITY_TIMEOUT = DEFAULT_JOB_TIME_LIMIT + 3600
+#: After a job's own (cooperative) time limit, Celery's soft and hard limits follow
+#: a little later (at most this many seconds), as a backstop for a step that never returns.
+SOFT_LIMIT_GRACE = 30
+HARD_LIMIT_GRACE = 90
+
+
+def soft_limit_grace(limit: int) -> int:
+    """Seconds after the job's own limit before Celery's soft limit interrupts it
+    (enough to store what a stopped job computed)."""
+    return min(SOFT_LIMIT_GRACE, max(3, limit // 10))
+
+
+def hard_limit_grace(limit: int) -> int:
+    return min(HARD_LIMIT_GRACE, max(6, limit // 5))
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of seconds") from None
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r} must be at least 1 second")
+    return value
+
+
+def broker_visibility_timeout() -> int:
+    """The broker's visibility timeout: ``LOGPROBE_VISIBILITY_TIMEOUT`` or the default."""
+    return _env_seconds(ENV_VISIBILITY_TIMEOUT, VISIBILITY_TIMEOUT)
+
+
+def max_job_time_limit() -> int:
+    """The longest time limit a job may have: its hard limit (limit + grace) must end
+    before Redis would redeliver its message to another worker."""
+    budget = broker_visibility_timeout() - 1
+    limit = budget - HARD_LIMIT_GRACE
+    if limit >= 5 * HARD_LIMIT_GRACE:
+        return limit
+    limit = max(1, budget * 5 // 6)
+    while limit > 1 and limit + hard_limit_grace(limit) > budget:
+        limit -= 1
+    return limit
+
+
+def default_job_time_limit() -> int:
+    """``LOGPROBE_JOB_TIME_LIMIT``, else 6 h, capped by :func:`max_job_time_limit`."""
+    if os.environ.get(ENV_JOB_TIME_LIMIT, "").strip():
+        value = _env_seconds(ENV_JOB_TIME_LIMIT, DEFAULT_JOB_TIME_LIMIT)
+        if value > max_job_time_limit():
+            raise ConfigError(
+                f"{ENV_JOB_TIME_LIMIT}={value} is not below the visibility timeout "
+                f"({broker_visibility_timeout()} s) minus a grace period (at most "
+                f"{max_job_time_limit()} s); lower it or raise {ENV_VISIBILITY_TIMEOUT}, "
+                "or a long job would be delivered twice"
+            )
+        return value
+    return min(DEFAULT_JOB_TIME_LIMIT, max_job_time_limit())
 
 
 def celery_config(
-    broker_url: str, *, visibility_timeout: int = VISIBILITY_TIMEOUT
+    broker_url: str, *, visibility_timeout: int | None = None
 ) -> dict[str, Any]:
-    transport = {"visibility_timeout": visibility_timeout}
+    if visibility_timeout is None:
+        visibility_timeout = broker_visibility_timeout()
+    transport = {
+        "visibility_timeout": visibility_timeout,
+        # How often a worker looks for unacked messages whose worker died: every
+        # `interval` seconds (the default, interval 10 x throttle 10, is 100 s).
+        "unacked_restore_interval": max(1, min(60, visibility_timeout // 5)),
+        "unacked_restore_throttle": 1,
+    }
     broker_url, ssl_options = split_ssl_options(broker_url)
     config: dict[str, Any] = {
         "broker_url": broker_url,
@@ -39,8 +111,9 @@ def celery_config(
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": DEFAULT_JOB_TIME_LIMIT,
-        "task_soft_time_limit": DEFAULT_JOB_TIME_LIMIT - 60,
+        # Each message carries its job's limits (client.submit); these are the fallback.
+        "task_time_limit": min(DEFAULT_JOB_TIME_LIMIT, max(2, visibility_timeout - 1)),
+        "task_soft_time_limit": min(DEFAULT_JOB_TIME_LIMIT, max(2, visibility_timeout - 1)) - 1,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "task_create_missing_queues": True,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import LogprobeError
+from .schema import JobStatus
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -73,7 +74,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     fields: dict[str, Any] = {"model": args.model, "backend": args.backend,
                               "revision": args.revision, "dtype": args.dtype,
-                              "device": args.device, "top_logprobs": args.top_logprobs}
+                              "device": args.device, "top_logprobs": args.top_logprobs,
+                              "device_map": args.device_map}
     if args.kind == "score":
         fields.update(text=args.text, prepend_bos=args.prepend_bos,
                       token_ids=[int(i) for i in args.token_ids.split(",")]
@@ -87,10 +89,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         fields = {**json.loads(args.spec), **{k: v for k, v in fields.items() if v}}
     spec = make_spec(args.kind, **fields)
     client = _client(args)
-    job = client.submit(spec, queue=args.queue)
-    print(job.id)
+    job = client.submit(spec, queue=args.queue, time_limit=args.time_limit)
+    print(job.id, flush=True)
     if args.wait is not None:
-        result = job.result(timeout=args.wait or None)
+        result = job.result(timeout=args.wait or None, progress=not args.no_progress)
         _print_result(result)
     return 0
 
@@ -105,14 +107,54 @@ def _print_result(result: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    info = _client(args).job(args.job).info()
+    job = _client(args).job(args.job)
+    info = job.info()
     keep = ["id", "kind", "backend", "model", "status", "worker", "attempts", "loss", "seed",
             "model_revision", "device", "dtype", "created_at", "started_at", "finished_at",
-            "error"]
+            "time_limit", "error"]
     for key in keep:
         if info.get(key) is not None:
             value = info[key].value if hasattr(info[key], "value") else info[key]
             print(f"{key:15} {value}")
+    if info.get("partial"):
+        print(f"{'partial':15} True (the stored tokens are what it had computed)")
+    if info.get("status") is JobStatus.RUNNING or args.progress:
+        print(f"{'progress':15} {job.progress().describe()}")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job)
+    if args.no_progress:
+        status = job.wait(timeout=args.timeout)
+    else:
+        from .progress import wait_with_bar
+
+        status = wait_with_bar(job, timeout=args.timeout)
+    info = job.info()
+    print(f"{job.id} {status.value}" + (f": {info['error']}" if info.get("error") else ""))
+    return 0 if status is JobStatus.SUCCEEDED else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    client = _client(args)
+    for job_id in args.jobs:
+        job = client.job(job_id)
+        status = job.cancel()
+        if args.wait is not None and not status.finished:
+            status = job.wait(timeout=args.wait or None)
+        note = "" if status.finished else " (cancel requested; it stops at its next step)"
+        print(f"{job_id} {status.value}{note}")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    ids = _client(args).requeue(older_than=args.older_than, stale_after=args.stale_after,
+                                dry_run=args.dry_run)
+    verb = "would resubmit" if args.dry_run else "resubmitted"
+    print(f"{verb} {len(ids)} job(s)")
+    for job_id in ids:
+        print(job_id)
     return 0
 
 
@@ -269,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--top-p", type=float)
     submit.add_argument("--seed", type=int)
     submit.add_argument("--num-return-sequences", type=int, default=1)
+    submit.add_argument("--device-map", choices=["auto"],
+                        help="spread a big model over all the worker's GPUs (accelerate)")
+    submit.add_argument("--time-limit", type=int,
+                        help="seconds the job may run (default $LOGPROBE_JOB_TIME_LIMIT or 6 h)")
+    submit.add_argument("--no-progress", action="store_true",
+                        help="with --wait: no progress bar")
     submit.add_argument("--spec", help="a JSON object of further spec fields")
     submit.add_argument("--wait", type=float, nargs="?", const=0,
                         help="wait for the result (optionally at most this many seconds) "
@@ -276,6 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="a job's status, provenance and error")
     status.add_argument("job")
+    status.add_argument("--progress", action="store_true",
+                        help="show the last reported progress even if not running")
+
+    wait = sub.add_parser("wait", help="wait for a job, with a progress bar")
+    wait.add_argument("job")
+    wait.add_argument("--timeout", type=float, help="give up after this many seconds")
+    wait.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cancel = sub.add_parser("cancel", help="cancel jobs: queued ones never start, running "
+                            "ones stop at the next decoding step (results kept, partial)")
+    cancel.add_argument("jobs", nargs="+", metavar="JOB")
+    cancel.add_argument("--wait", type=float, nargs="?", const=0,
+                        help="wait until a running job has stopped (at most this many seconds)")
+
+    requeue = sub.add_parser("requeue", help="resubmit jobs SQL says are queued/running but "
+                             "the broker lost (e.g. after Redis lost its data)")
+    requeue.add_argument("--older-than", type=float, default=60.0,
+                         help="only jobs submitted at least this many seconds ago (default 60)")
+    requeue.add_argument("--stale-after", type=float, default=30.0,
+                         help="a running job whose worker reported within this many seconds "
+                         "is alive and left alone (default 30)")
+    requeue.add_argument("--dry-run", action="store_true", help="list them, resubmit nothing")
 
     show = sub.add_parser("show", help="a finished job's per-token table")
     show.add_argument("job")
@@ -357,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"submit": cmd_submit, "status": cmd_status, "show": cmd_show,
                 "sql": cmd_sql, "db": cmd_db, "export": cmd_export, "plot": cmd_plot,
-                "determinism": cmd_determinism, "logits": cmd_logits}
+                "determinism": cmd_determinism, "logits": cmd_logits, "wait": cmd_wait,
+                "cancel": cmd_cancel, "requeue": cmd_requeue}
     try:
         return commands[args.command](args)
     except LogprobeError as exc:

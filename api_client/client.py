@@ -11,13 +11,19 @@ from sqlalchemy import Engine, delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from .artifacts import EMBEDDINGS_DIR, ArtifactStore, embedding_array
-from .broker import make_celery
+from .broker import (
+    default_job_time_limit,
+    hard_limit_grace,
+    make_celery,
+    max_job_time_limit,
+    soft_limit_grace,
+)
 from .constants import TASK_RUN_PROBES, default_queue
 from .database import ensure_schema, make_engine, make_sessionmaker
 from .determinism import config_hash
 from .determinism import report as determinism_report
 from .embedding_specs import ArtifactEmbedding, InterpolateEmbedding, NoiseEmbedding
-from .errors import ConfigError
+from .errors import ConfigError, SpecError
 from .jobs import JobHandle
 from .logits import check_logits_size_at_submit
 from .schema import Job, JobStatus
@@ -26,6 +32,7 @@ from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
 
 if TYPE_CHECKING:
     import pandas as pd
+    import redis
     from celery import Celery
 
 AnySpec = ScoreSpec | GenerateSpec
@@ -49,14 +56,19 @@ class Client:
         home: str | None = None,
         queue: str | None = None,
         artifacts_url: str | None = None,
+        routes: dict[str, str] | None = None,
     ) -> None:
         #: Where submissions go when a call names no queue (default: logprobe.<backend>).
         self.queue = queue
+        #: Model name -> queue, for jobs of that model when a call names no queue
+        #: (e.g. ``{"meta-llama/Llama-2-7b-hf": model_queue("llama-7b")}``).
+        self.routes = dict(routes or {})
         self.settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
                                           home=home, artifacts_url=artifacts_url)
         self._engine: Engine | None = None
         self._sessionmaker: sessionmaker[Session] | None = None
         self._celery: Celery | None = None
+        self._redis: redis.Redis | None = None
 
     # --- connections -------------------------------------------------------------
 
@@ -89,6 +101,17 @@ class Client:
         """The artifact store (``LOGPROBE_ARTIFACTS_URL``, default ``$LOGPROBE_HOME/artifacts``)."""
         return ArtifactStore.from_settings(self.settings)
 
+    @property
+    def redis(self) -> redis.Redis:
+        """A Redis client for live state (progress, cancel flags); opened on first use."""
+        if self._redis is None:
+            import redis as redis_module
+
+            self._redis = redis_module.Redis.from_url(
+                self.settings.resolved_redis_url(), socket_timeout=10, socket_connect_timeout=10
+            )
+        return self._redis
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
@@ -97,6 +120,9 @@ class Client:
         if self._celery is not None:
             self._celery.close()
             self._celery = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
 
     def __enter__(self) -> Client:
         return self
@@ -106,18 +132,24 @@ class Client:
 
     # --- submitting --------------------------------------------------------------
 
-    def submit(self, spec: AnySpec | dict[str, Any], *, queue: str | None = None) -> JobHandle:
+    def submit(self, spec: AnySpec | dict[str, Any], *, queue: str | None = None,
+               time_limit: int | None = None) -> JobHandle:
         """Submit one probe spec (a spec object or its JSON dict); returns at once."""
-        return self.submit_many([spec], queue=queue)[0]
+        return self.submit_many([spec], queue=queue, time_limit=time_limit)[0]
 
     def submit_many(
-        self, specs: Iterable[AnySpec | dict[str, Any]], *, queue: str | None = None
+        self, specs: Iterable[AnySpec | dict[str, Any]], *, queue: str | None = None,
+        time_limit: int | None = None,
     ) -> list[JobHandle]:
         """Validate every spec, write the job rows in one transaction, then enqueue.
 
-        Nothing is written if any spec is invalid (:class:`SpecError`). If the
-        broker cannot be reached, the rows are removed again and the error raised.
+        ``time_limit``: seconds each job may run before the worker stops it (default
+        ``LOGPROBE_JOB_TIME_LIMIT`` or 6 h; at most :func:`~api_client.broker.max_job_time_limit`,
+        below the broker's visibility timeout). Nothing is written if any spec is
+        invalid (:class:`SpecError`). If the broker cannot be reached, the rows are
+        removed again and the error raised.
         """
+        check_time_limit(time_limit)
         parsed = [parse_spec(s) for s in specs]
         for spec in parsed:
             check_logits_size_at_submit(spec, self.settings.max_logits_bytes)
@@ -130,9 +162,11 @@ class Client:
                 model=spec.model,
                 status=JobStatus.QUEUED,
                 spec=spec.model_dump(mode="json"),
-                queue=queue or self.queue or default_queue(spec.backend),
+                queue=queue or self.routes.get(spec.model) or self.queue
+                or default_queue(spec.backend),
                 seed=getattr(spec, "seed", None),
                 config_hash=config_hash(spec),
+                time_limit=time_limit,
                 created_at=now,
             )
             for spec in parsed
@@ -154,11 +188,16 @@ class Client:
     def _enqueue(self, rows: Sequence[Job]) -> None:
         with self.celery.producer_or_acquire() as producer:
             for row in rows:
+                # The job checks its own limit at every decoding step; Celery's soft and
+                # hard limits follow a little later as a backstop.
+                limit = row.time_limit or default_job_time_limit()
                 self.celery.send_task(
                     TASK_RUN_PROBES,
-                    args=[{"jobs": [{"id": row.id, "spec": row.spec}]}],
+                    args=[{"jobs": [{"id": row.id, "spec": row.spec, "time_limit": limit}]}],
                     queue=row.queue,
                     producer=producer,
+                    soft_time_limit=limit + soft_limit_grace(limit),
+                    time_limit=limit + hard_limit_grace(limit),
                 )
 
     def score(
@@ -172,6 +211,7 @@ class Client:
         backend: str = "hf",
         queue: str | None = None,
         embedding: Any = None,
+        time_limit: int | None = None,
         **options: Any,
     ) -> JobHandle:
         """Score a text (or token ids): loss and per-token logprobs. Returns at once.
@@ -187,14 +227,15 @@ class Client:
                          model=model, prepend_bos=prepend_bos, top_logprobs=top_logprobs,
                          backend=backend, embedding=self._embedding_field(embedding),
                          **options)
-        return self.submit(spec, queue=queue)
+        return self.submit(spec, queue=queue, time_limit=time_limit)
 
     def score_many(
-        self, texts: Iterable[str], *, model: str, queue: str | None = None, **options: Any
+        self, texts: Iterable[str], *, model: str, queue: str | None = None,
+        time_limit: int | None = None, **options: Any
     ) -> list[JobHandle]:
         """Score many texts with the same options: one job each, submitted together."""
         specs = [make_spec("score", text=t, model=model, **options) for t in texts]
-        return self.submit_many(specs, queue=queue)
+        return self.submit_many(specs, queue=queue, time_limit=time_limit)
 
     def generate(
         self,
@@ -206,6 +247,7 @@ class Client:
         backend: str = "hf",
         queue: str | None = None,
         embedding: Any = None,
+        time_limit: int | None = None,
         **options: Any,
     ) -> JobHandle:
         """Continue a prompt, or an input ``embedding`` (an array or embedding spec, as
@@ -215,7 +257,16 @@ class Client:
         spec = make_spec("generate", prompt=prompt, model=model, max_new_tokens=max_new_tokens,
                          do_sample=do_sample, backend=backend,
                          embedding=self._embedding_field(embedding), **options)
-        return self.submit(spec, queue=queue)
+        return self.submit(spec, queue=queue, time_limit=time_limit)
+
+    def requeue(self, *, older_than: float = 60.0, stale_after: float = 30.0,
+                dry_run: bool = False) -> list[str]:
+        """Resubmit jobs SQL says are queued or running but the broker no longer holds
+        (e.g. after Redis lost its data). See :func:`api_client.requeue.requeue_lost_jobs`."""
+        from .requeue import requeue_lost_jobs
+
+        return requeue_lost_jobs(self, older_than=older_than, stale_after=stale_after,
+                                 dry_run=dry_run)
 
     # --- embeddings and repeats ----------------------------------------------------
 
@@ -286,3 +337,19 @@ class Client:
 
         with self.engine.connect() as connection:
             return pd.read_sql_query(text(query), connection, params=params)
+
+
+def check_time_limit(time_limit: int | None) -> None:
+    """Refuse a time limit that is not positive or would outlast the visibility timeout."""
+    if time_limit is None:
+        return
+    cap = max_job_time_limit()
+    if isinstance(time_limit, bool) or not isinstance(time_limit, int) or time_limit < 1:
+        raise SpecError(f"time_limit: {time_limit!r} is not a whole number of seconds >= 1")
+    if time_limit > cap:
+        raise SpecError(
+            f"time_limit: {time_limit} s is more than {cap} s, the most the broker's "
+            "visibility timeout allows (a longer job would be delivered to a second worker "
+            "while it runs); lower it, or raise LOGPROBE_VISIBILITY_TIMEOUT on clients and "
+            "workers"
+        )

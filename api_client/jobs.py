@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from .artifacts import ArtifactRef, load_array
+from .constants import LIVE_KEY_TTL, cancel_key
 from .errors import ArtifactError, JobCancelled, JobFailed, JobNotFound, JobTimeout
+from .progress import JobProgress, read_progress, wait_with_bar
 from .results import ProbeResult, read_result
 from .schema import Artifact, Job, JobStatus
 
@@ -73,16 +76,51 @@ class JobHandle:
             time.sleep(interval)
             interval = min(interval * 1.5, _MAX_POLL_INTERVAL)
 
-    def result(self, timeout: float | None = None) -> ProbeResult:
+    def progress(self) -> JobProgress:
+        """Live progress: tokens done / total, rate and ETA (from Redis), status (SQL)."""
+        return read_progress(self.client.redis, self.id, self.status())
+
+    def cancel(self) -> JobStatus:
+        """Ask for the job to stop; returns its status right after asking.
+
+        A queued job is cancelled at once (it never starts). A running job gets a
+        cancel flag in Redis: its worker stops it at the next decoding step and
+        stores what it computed, marked ``partial``, with status ``cancelled``
+        (``wait()`` for it). A finished job stays as it is. Nothing is ever killed.
+        """
+        status = self.status()
+        if status.finished:
+            return status
+        # The flag first: a worker claiming the job from now on sees it.
+        self.client.redis.set(cancel_key(self.id), "1", ex=LIVE_KEY_TTL)
+        with self.client.session() as session, session.begin():
+            session.execute(
+                update(Job)
+                .where(Job.id == self.id, Job.status == JobStatus.QUEUED)
+                .values(status=JobStatus.CANCELLED, error="cancelled before it started",
+                        error_type="Cancelled", finished_at=datetime.now(timezone.utc))
+            )
+        return self.status()
+
+    def result(self, timeout: float | None = None, *, progress: bool = False,
+               allow_partial: bool = False) -> ProbeResult:
         """Wait for the job and return its result.
 
-        Raises :class:`JobFailed` (carrying the worker's error) if it failed,
-        :class:`JobCancelled` if it was cancelled, :class:`JobTimeout` on timeout.
+        ``progress=True`` draws a progress bar (tokens done / total, rate, ETA) on
+        stderr while waiting. Raises :class:`JobFailed` (carrying the worker's error)
+        if it failed, :class:`JobCancelled` if it was cancelled, :class:`JobTimeout`
+        on timeout; with ``allow_partial=True``, a job that was cancelled or ran out
+        of time while running returns what it had computed (``result.partial``).
         """
-        self.wait(timeout)
+        if progress:
+            wait_with_bar(self, timeout)
+        else:
+            self.wait(timeout)
         with self.client.session() as session:
             job = session.get(Job, self.id)
             assert job is not None
+            if allow_partial and job.partial:
+                return read_result(session, job)
             if job.status is JobStatus.FAILED:
                 raise JobFailed(job.id, job.error)
             if job.status is JobStatus.CANCELLED:

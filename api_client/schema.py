@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    false,
     func,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -90,6 +91,11 @@ class Job(Base):
     num_scored_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(128))
+    #: True when the stored rows are what the job had computed when it was cancelled
+    #: or ran out of time, not a complete result.
+    partial: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: Seconds the job may run (each attempt) before the worker stops it; None = default.
+    time_limit: Mapped[int | None] = mapped_column(Integer)
 
     # Who and when.
     worker: Mapped[str | None] = mapped_column(String(256))

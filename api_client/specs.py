@@ -50,6 +50,11 @@ class _ProbeBase(BaseModel):
         description="backend 'openai' only: 'completions' (/v1/completions, the default) "
         "or 'chat' (chat completions; generate probes only)",
     )
+    device_map: Literal["auto"] | None = Field(
+        default=None,
+        description='"auto": spread a model too big for one GPU over every GPU the worker '
+        "sees (then CPU memory), with accelerate; instead of device",
+    )
 
     @model_validator(mode="after")
     def check_local_model_exists(self) -> _ProbeBase:
@@ -60,6 +65,17 @@ class _ProbeBase(BaseModel):
                 f"model directory {self.model!r} does not exist; pass an existing "
                 "directory or a hub name such as 'gpt2'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def check_device_map(self) -> _ProbeBase:
+        if self.device_map is not None and self.device is not None:
+            raise ValueError(
+                "device_map='auto' places the model itself; drop device, or drop device_map "
+                "to run on one device"
+            )
+        if self.device_map is not None and self.backend != "hf":
+            raise ValueError("device_map applies to the 'hf' backend only; drop it")
         return self
 
     @model_validator(mode="after")

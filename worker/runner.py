@@ -8,25 +8,33 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_client.artifacts import ArtifactStore
+from api_client.broker import default_job_time_limit
 from api_client.database import make_engine, make_sessionmaker
 from api_client.errors import SpecError
+from api_client.schema import JobStatus
 from api_client.settings import Settings
 from api_client.specs import parse_spec
 
 from .artifact_output import write_logits
 from .backends import get_backend
-from .backends.base import AnySpec
+from .backends.base import AnySpec, ProbeOutput
 from .config import WorkerOptions
-from .persistence import claim, store_failure, store_output
+from .control import CANCELLED, TIME_LIMIT, JobControl, monitoring, running_elsewhere
+from .db_retry import with_db_retry
+from .failures import cancel_message, describe_failure, release_memory, time_limit_message
+from .persistence import claim, store_cancelled, store_failure, store_output
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ProcessState:
@@ -37,6 +45,7 @@ class ProcessState:
         self.options = WorkerOptions.from_env()
         self.settings = Settings.from_env()
         self._sessions: sessionmaker[Session] | None = None
+        self._redis: Any | None = None
 
     def session(self) -> Session:
         if self._sessions is None:
@@ -47,6 +56,17 @@ class ProcessState:
     @property
     def artifacts(self) -> ArtifactStore:
         return ArtifactStore.from_settings(self.settings)
+
+    @property
+    def redis(self) -> Any:
+        """This process's Redis client (progress, cancel flags); created on first use."""
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.settings.resolved_redis_url(),
+                                               socket_timeout=5, socket_connect_timeout=5,
+                                               health_check_interval=10)
+        return self._redis
 
     def backend_options(self, name: str) -> dict[str, Any]:
         if name == "hf":
@@ -65,35 +85,109 @@ def process_state() -> ProcessState:
     return _state
 
 
+def _with_session(state: ProcessState, what: str, action: Callable[[Session], T]) -> T:
+    """Run one SQL action in a fresh session, retried while the database is unreachable."""
+
+    def attempt() -> T:
+        with state.session() as session:
+            return action(session)
+
+    return with_db_retry(attempt, what)
+
+
+def _store(state: ProcessState, what: str, action: Callable[[Session], object]) -> None:
+    _with_session(state, what, action)
+
+
+def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
+            control: JobControl) -> None:
+    """Store one job's outcome: its rows, its partial rows, or its error."""
+    if not isinstance(output, Exception) and output.logits is not None:
+        output = write_logits(output, job_id, state.artifacts)
+    if isinstance(output, Exception):
+        error_type, message = describe_failure(output, control)
+        log.info("job %s failed: %s", job_id, message)
+        # The traceback's frames hold the failed job's tensors; drop them before freeing.
+        output.__traceback__ = None
+        if error_type == "OutOfMemory":
+            release_memory()
+        _store(state, f"store the failure of job {job_id}",
+               lambda s: store_failure(s, job_id, message, error_type=error_type))
+    elif control.stop_reason == CANCELLED:
+        _store(state, f"store cancelled job {job_id}",
+               lambda s: store_output(s, job_id, output, status=JobStatus.CANCELLED,
+                                      partial=True, error=cancel_message(control),
+                                      error_type="Cancelled"))
+    elif control.stop_reason == TIME_LIMIT:
+        _store(state, f"store timed-out job {job_id}",
+               lambda s: store_output(s, job_id, output, status=JobStatus.FAILED,
+                                      partial=True,
+                                      error=time_limit_message(control.time_limit, control),
+                                      error_type="TimeLimitExceeded"))
+    else:
+        _store(state, f"store the result of job {job_id}",
+               lambda s: store_output(s, job_id, output))
+
+
 def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
+    """Claim each job, run the claimed ones on their backend, store every outcome.
+
+    ``items`` are ``{"id", "spec", "time_limit"?}``; a job whose cancel flag is set
+    when it is claimed is cancelled without running.
+    """
     state = process_state()
-    claimed: dict[str, list[tuple[str, AnySpec]]] = defaultdict(list)
+    claimed: dict[str, list[tuple[str, AnySpec, JobControl]]] = defaultdict(list)
     for item in items:
         job_id = item["id"]
-        with state.session() as session:
-            if not claim(session, job_id, worker_name, state.options.max_attempts):
-                log.info("job %s is finished or given up; skipping", job_id)
-                continue
+        owner = running_elsewhere(state.redis, job_id)
+        if owner is not None:  # a redelivered message; its result will be stored once
+            log.info("job %s is running in %s; not running it twice", job_id, owner)
+            continue
+        if not _with_session(state, f"claim job {job_id}",
+                             lambda s, job_id=job_id: claim(s, job_id, worker_name,
+                                                            state.options.max_attempts)):
+            log.info("job %s is finished or given up; skipping", job_id)
+            continue
+        control = JobControl(job_id, time_limit=float(item.get("time_limit")
+                                                      or default_job_time_limit()),
+                             redis=state.redis, worker=worker_name)
+        if control.cancel_requested():
+            _store(state, f"cancel job {job_id}",
+                   lambda s, job_id=job_id: store_cancelled(s, job_id,
+                                                            "cancelled before it started"))
+            continue
         try:
             spec = parse_spec(item["spec"])
         except SpecError as exc:
-            with state.session() as session:
-                store_failure(session, job_id, exc)
+            _store(state, f"store the failure of job {job_id}",
+                   lambda s, job_id=job_id, exc=exc: store_failure(s, job_id, exc))
             continue
-        claimed[spec.backend].append((job_id, spec))
+        claimed[spec.backend].append((job_id, spec, control))
 
     for backend_name, jobs in claimed.items():
-        try:
-            backend = get_backend(backend_name, **state.backend_options(backend_name))
-            outputs = backend.run([spec for _, spec in jobs])
-        except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
-            log.exception("backend %s failed", backend_name)
-            outputs = [exc] * len(jobs)
-        for (job_id, _), output in zip(jobs, outputs, strict=True):
-            if not isinstance(output, Exception) and output.logits is not None:
-                output = write_logits(output, job_id, state.artifacts)
-            with state.session() as session:
-                if isinstance(output, Exception):
-                    store_failure(session, job_id, output)
-                else:
-                    store_output(session, job_id, output)
+        outputs: list[ProbeOutput | Exception]
+        with monitoring([(spec, control) for _, spec, control in jobs]):
+            try:
+                backend = get_backend(backend_name, **state.backend_options(backend_name))
+                outputs = backend.run([spec for _, spec, _ in jobs])
+            except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
+                log.exception("backend %s failed", backend_name)
+                outputs = [exc] * len(jobs)
+        returned = time.monotonic()
+        for (job_id, _, control), output in zip(jobs, outputs, strict=True):
+            _finish(state, job_id, output, control)
+            if control.stopped_at is not None:
+                log.info("job %s stopped (%s) at %d/%s %s; results ready %.0f ms and stored "
+                         "%.0f ms later", job_id, control.stop_reason, control.done,
+                         control.total, control.unit, 1000 * (returned - control.stopped_at),
+                         1000 * (time.monotonic() - control.stopped_at))
+
+
+def fail_unfinished(items: Iterable[dict[str, Any]]) -> None:
+    """Fail the still-unfinished jobs of a task Celery stopped (hard/soft time limit)."""
+    state = process_state()
+    for item in items:
+        limit = float(item.get("time_limit") or default_job_time_limit())
+        _store(state, f"fail job {item['id']}",
+               lambda s, job_id=item["id"], limit=limit: store_failure(
+                   s, job_id, time_limit_message(limit), error_type="TimeLimitExceeded"))

@@ -54,7 +54,8 @@ class HFBackend(Backend):
         return outputs
 
     def run_one(self, spec: AnySpec) -> ProbeOutput:
-        lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device)
+        lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device,
+                             device_map=spec.device_map)
         if isinstance(spec, ScoreSpec):
             if spec.embedding is not None or spec.return_logits:
                 return score_tensors(lm, spec)

@@ -12,11 +12,13 @@ from api_client.errors import ProbeInputError
 from api_client.results import SequenceResult, TokenLogprob
 from api_client.specs import GenerateSpec
 
+from ..control import control_for
 from .base import ProbeOutput
 from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
 from .hf_embeddings import build_embedding
 from .hf_logits import check_logits_rows, forward_logits, logits_array, position_tokens
 from .hf_models import LoadedModel
+from .hf_stopping import job_stopping_criteria
 
 
 def pick_seed() -> int:
@@ -78,15 +80,24 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
     seed = (spec.seed if spec.seed is not None else pick_seed()) if spec.do_sample else None
 
     config = generation_config(lm, spec)
+    control = control_for(spec)  # progress, cancel flag, time limit of the running job
+    criteria = job_stopping_criteria(control, offset, spec.max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
-        out = lm.model.generate(**model_inputs, generation_config=config)
-        scores = tuple(s.float() for s in out.scores)
-        transition = lm.model.compute_transition_scores(
-            out.sequences, scores, normalize_logits=True
-        )
-        step_logprobs = [torch.log_softmax(s, dim=-1) for s in scores]
+        out = lm.model.generate(**model_inputs, generation_config=config,
+                                stopping_criteria=criteria)
+        # = compute_transition_scores(sequences, scores, normalize_logits=True) (no beams),
+        # as score[token] - logsumexp(score), one step at a time: no [steps, vocab]
+        # copies of the scores (2 GB each for 10,000 steps of GPT-2), which transformers'
+        # version makes and normalizes along a strided axis (seconds per few hundred steps).
+        # In float64, so that the float32 scores' logprobs are exact to the last bit.
+        scores = out.scores  # one [sequences, vocab] tensor per step
+        chosen = out.sequences[:, out.sequences.shape[1] - len(scores):]
+        log_norm = torch.stack([torch.logsumexp(s.double(), dim=-1) for s in scores], dim=1)
+        picked = torch.stack([s.double().gather(1, chosen[:, t, None])[:, 0]
+                              for t, s in enumerate(scores)], dim=1)
+        transition = picked - log_norm  # [sequences, steps]
 
     eos = lm.eos_token_id
     sequences = []
@@ -96,11 +107,16 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
         if eos is not None and eos in generated:
             generated = generated[: generated.index(eos) + 1]
             finish = "stop"
+        elif control is not None and control.stop_reason is not None:
+            finish = control.stop_reason  # "cancelled" or "time_limit": a partial result
         steps = len(generated)
         logprobs = transition[r, :steps].tolist()
-        step_alternatives = top_alternatives(
-            lm, torch.stack([step_logprobs[t][r] for t in range(steps)]), spec.top_logprobs
-        ) if steps else []
+        step_logprobs = (
+            torch.stack([(scores[t][r].double() - log_norm[r, t]).float()
+                         for t in range(steps)])
+            if spec.top_logprobs and steps else torch.empty(steps, 0)
+        )
+        step_alternatives = top_alternatives(lm, step_logprobs, spec.top_logprobs)
         texts = decode_each(lm, generated)
         tokens = tuple(
             TokenLogprob(

@@ -8,6 +8,7 @@ from api_client.errors import ProbeInputError
 from api_client.results import SequenceResult
 from api_client.specs import ScoreSpec
 
+from ..control import control_for
 from .base import ProbeOutput
 from .hf_common import check_ids, text_logprobs
 from .hf_models import LoadedModel
@@ -36,7 +37,12 @@ def score_ids(lm: LoadedModel, spec: ScoreSpec) -> list[int]:
 def score(lm: LoadedModel, spec: ScoreSpec) -> ProbeOutput:
     ids = score_ids(lm, spec)
     check_ids(lm, ids, "the scored text")
+    control = control_for(spec)
+    if control is not None:
+        control.begin(len(ids), "tokens")
     tokens = text_logprobs(lm, ids, spec.top_logprobs)
+    if control is not None:
+        control.advance(len(ids))
     scored = [t.logprob for t in tokens[1:]]
     total = float(torch.tensor(scored, dtype=torch.float64).sum())
     return ProbeOutput(

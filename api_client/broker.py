@@ -6,21 +6,94 @@ so it needs this configuration but none of the worker's code.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
+
+from .constants import ENV_JOB_TIME_LIMIT, ENV_VISIBILITY_TIMEOUT
+from .errors import ConfigError
 
 #: Longest a job may run before the worker stops it (seconds); jobs may ask for less.
 DEFAULT_JOB_TIME_LIMIT = 6 * 3600
 #: Redis redelivers an unacked message after this long, even if it is still running:
 #: it must stay above the longest job's time limit, or a long job runs twice.
 VISIBILITY_TIMEOUT = DEFAULT_JOB_TIME_LIMIT + 3600
+#: After a job's own (cooperative) time limit, Celery's soft and hard limits follow
+#: a little later (at most this many seconds), as a backstop for a step that never returns.
+SOFT_LIMIT_GRACE = 30
+HARD_LIMIT_GRACE = 90
+
+
+def soft_limit_grace(limit: int) -> int:
+    """Seconds after the job's own limit before Celery's soft limit interrupts it
+    (enough to store what a stopped job computed)."""
+    return min(SOFT_LIMIT_GRACE, max(3, limit // 10))
+
+
+def hard_limit_grace(limit: int) -> int:
+    return min(HARD_LIMIT_GRACE, max(6, limit // 5))
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of seconds") from None
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r} must be at least 1 second")
+    return value
+
+
+def broker_visibility_timeout() -> int:
+    """The broker's visibility timeout: ``LOGPROBE_VISIBILITY_TIMEOUT`` or the default."""
+    return _env_seconds(ENV_VISIBILITY_TIMEOUT, VISIBILITY_TIMEOUT)
+
+
+def max_job_time_limit() -> int:
+    """The longest time limit a job may have: its hard limit (limit + grace) must end
+    before Redis would redeliver its message to another worker."""
+    budget = broker_visibility_timeout() - 1
+    limit = budget - HARD_LIMIT_GRACE
+    if limit >= 5 * HARD_LIMIT_GRACE:
+        return limit
+    limit = max(1, budget * 5 // 6)
+    while limit > 1 and limit + hard_limit_grace(limit) > budget:
+        limit -= 1
+    return limit
+
+
+def default_job_time_limit() -> int:
+    """``LOGPROBE_JOB_TIME_LIMIT``, else 6 h, capped by :func:`max_job_time_limit`."""
+    if os.environ.get(ENV_JOB_TIME_LIMIT, "").strip():
+        value = _env_seconds(ENV_JOB_TIME_LIMIT, DEFAULT_JOB_TIME_LIMIT)
+        if value > max_job_time_limit():
+            raise ConfigError(
+                f"{ENV_JOB_TIME_LIMIT}={value} is not below the visibility timeout "
+                f"({broker_visibility_timeout()} s) minus a grace period (at most "
+                f"{max_job_time_limit()} s); lower it or raise {ENV_VISIBILITY_TIMEOUT}, "
+                "or a long job would be delivered twice"
+            )
+        return value
+    return min(DEFAULT_JOB_TIME_LIMIT, max_job_time_limit())
 
 
 def celery_config(
-    broker_url: str, *, visibility_timeout: int = VISIBILITY_TIMEOUT
+    broker_url: str, *, visibility_timeout: int | None = None
 ) -> dict[str, Any]:
-    transport = {"visibility_timeout": visibility_timeout}
+    if visibility_timeout is None:
+        visibility_timeout = broker_visibility_timeout()
+    transport = {
+        "visibility_timeout": visibility_timeout,
+        # How often a worker looks for unacked messages whose worker died: every
+        # `interval` seconds (the default, interval 10 x throttle 10, is 100 s).
+        "unacked_restore_interval": max(1, min(60, visibility_timeout // 5)),
+        "unacked_restore_throttle": 1,
+    }
+    broker_url, ssl_options = split_ssl_options(broker_url)
     config: dict[str, Any] = {
         "broker_url": broker_url,
         "broker_transport_options": transport,
@@ -38,19 +111,60 @@ def celery_config(
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": DEFAULT_JOB_TIME_LIMIT,
-        "task_soft_time_limit": DEFAULT_JOB_TIME_LIMIT - 60,
+        # Each message carries its job's limits (client.submit); these are the fallback.
+        "task_time_limit": min(DEFAULT_JOB_TIME_LIMIT, max(2, visibility_timeout - 1)),
+        "task_soft_time_limit": min(DEFAULT_JOB_TIME_LIMIT, max(2, visibility_timeout - 1)) - 1,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "task_create_missing_queues": True,
         "worker_send_task_events": True,
         "task_send_sent_event": False,
     }
-    if broker_url.startswith("rediss://"):
-        import ssl
-
-        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if ssl_options is not None:
+        config["broker_use_ssl"] = ssl_options
     return config
+
+
+#: ``rediss://`` URL query parameters that configure TLS (the names redis-py uses).
+_SSL_QUERY_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+                   "ssl_check_hostname")
+
+
+def split_ssl_options(url: str) -> tuple[str, dict[str, Any] | None]:
+    """Split a broker URL into the URL Celery gets and its TLS options.
+
+    For ``rediss://`` URLs the ``ssl_*`` query parameters (``ssl_cert_reqs=required|
+    optional|none``, ``ssl_ca_certs=/path/ca.pem``, ``ssl_certfile``, ``ssl_keyfile``,
+    ``ssl_check_hostname=true|false``) become kombu's ``broker_use_ssl`` dict and are
+    removed from the URL. The certificate is verified unless the URL says otherwise,
+    against the system's CAs or ``ssl_ca_certs``. The same URL, unsplit, works with
+    ``redis.Redis.from_url``. Other URLs come back unchanged, with ``None``.
+    """
+    import ssl
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    from .errors import ConfigError
+
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return url, None
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    for key, value in query:
+        if key == "ssl_cert_reqs":
+            levels = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+                      "none": ssl.CERT_NONE}
+            name = value.lower().removeprefix("cert_")
+            if name not in levels:
+                raise ConfigError(f"ssl_cert_reqs={value!r} in the Redis URL: use one of "
+                                  "required, optional, none")
+            options[key] = levels[name]
+        elif key == "ssl_check_hostname":
+            options[key] = value.lower() not in ("false", "0", "no")
+        elif key in _SSL_QUERY_KEYS:
+            options[key] = value
+    rest = [(k, v) for k, v in query if k not in _SSL_QUERY_KEYS]
+    return urlunsplit(parts._replace(query=urlencode(rest))), options
 
 
 def make_celery(broker_url: str, name: str = "logprobe", **overrides: Any) -> Celery:

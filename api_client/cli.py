@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import LogprobeError
+from .schema import JobStatus
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -26,8 +27,11 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return frame.to_string(index=False) if rows else "(no rows)"
 
 
-def token_table(result: Any, sequence: int = 0, include_prompt: bool = False) -> str:
-    """A job's per-token table: position, token id, token, logprob, probability."""
+TOKEN_COLUMNS = ["position", "token_id", "token", "logprob", "prob", "generated", "top"]
+
+
+def token_rows(result: Any, sequence: int = 0, include_prompt: bool = False) -> list[dict]:
+    """A job's per-token rows: position, token id, token, logprob, probability, top-5."""
     seq = result.sequences[sequence]
     tokens = [*seq.prompt_tokens, *seq.tokens] if include_prompt else list(seq.tokens)
     rows = [
@@ -35,14 +39,19 @@ def token_table(result: Any, sequence: int = 0, include_prompt: bool = False) ->
             "position": t.position,
             "token_id": t.token_id,
             "token": repr(t.token),
-            "logprob": None if t.logprob is None else round(t.logprob, 6),
-            "prob": None if t.logprob is None else round(math.exp(t.logprob), 6),
+            "logprob": t.logprob,
+            "prob": None if t.logprob is None else math.exp(t.logprob),
             "generated": t.generated,
             "top": ", ".join(f"{a.token!r}:{a.logprob:.3f}" for a in t.top_logprobs[:5]),
         }
         for t in tokens
     ]
-    return _table(rows, ["position", "token_id", "token", "logprob", "prob", "generated", "top"])
+    return rows
+
+
+def token_table(result: Any, sequence: int = 0, include_prompt: bool = False) -> str:
+    """The per-token rows as an aligned text table."""
+    return _table(token_rows(result, sequence, include_prompt), TOKEN_COLUMNS)
 
 
 # --- commands ---------------------------------------------------------------------
@@ -65,7 +74,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     fields: dict[str, Any] = {"model": args.model, "backend": args.backend,
                               "revision": args.revision, "dtype": args.dtype,
-                              "device": args.device, "top_logprobs": args.top_logprobs}
+                              "device": args.device, "top_logprobs": args.top_logprobs,
+                              "device_map": args.device_map}
     if args.kind == "score":
         fields.update(text=args.text, prepend_bos=args.prepend_bos,
                       token_ids=[int(i) for i in args.token_ids.split(",")]
@@ -79,10 +89,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         fields = {**json.loads(args.spec), **{k: v for k, v in fields.items() if v}}
     spec = make_spec(args.kind, **fields)
     client = _client(args)
-    job = client.submit(spec, queue=args.queue)
-    print(job.id)
+    job = client.submit(spec, queue=args.queue, time_limit=args.time_limit)
+    print(job.id, flush=True)
     if args.wait is not None:
-        result = job.result(timeout=args.wait or None)
+        result = job.result(timeout=args.wait or None, progress=not args.no_progress)
         _print_result(result)
     return 0
 
@@ -97,20 +107,66 @@ def _print_result(result: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    info = _client(args).job(args.job).info()
+    job = _client(args).job(args.job)
+    info = job.info()
     keep = ["id", "kind", "backend", "model", "status", "worker", "attempts", "loss", "seed",
             "model_revision", "device", "dtype", "created_at", "started_at", "finished_at",
-            "error"]
+            "time_limit", "error"]
     for key in keep:
         if info.get(key) is not None:
             value = info[key].value if hasattr(info[key], "value") else info[key]
             print(f"{key:15} {value}")
+    if info.get("partial"):
+        print(f"{'partial':15} True (the stored tokens are what it had computed)")
+    if info.get("status") is JobStatus.RUNNING or args.progress:
+        print(f"{'progress':15} {job.progress().describe()}")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job)
+    if args.no_progress:
+        status = job.wait(timeout=args.timeout)
+    else:
+        from .progress import wait_with_bar
+
+        status = wait_with_bar(job, timeout=args.timeout)
+    info = job.info()
+    print(f"{job.id} {status.value}" + (f": {info['error']}" if info.get("error") else ""))
+    return 0 if status is JobStatus.SUCCEEDED else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    client = _client(args)
+    for job_id in args.jobs:
+        job = client.job(job_id)
+        status = job.cancel()
+        if args.wait is not None and not status.finished:
+            status = job.wait(timeout=args.wait or None)
+        note = "" if status.finished else " (cancel requested; it stops at its next step)"
+        print(f"{job_id} {status.value}{note}")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    ids = _client(args).requeue(older_than=args.older_than, stale_after=args.stale_after,
+                                dry_run=args.dry_run)
+    verb = "would resubmit" if args.dry_run else "resubmitted"
+    print(f"{verb} {len(ids)} job(s)")
+    for job_id in ids:
+        print(job_id)
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     job = _client(args).job(args.job)
     result = job.result(timeout=args.wait) if args.wait else job.result(timeout=0)
+    if args.format == "csv":
+        import pandas as pd
+
+        rows = token_rows(result, args.sequence, include_prompt=args.prompt)
+        print(pd.DataFrame(rows, columns=TOKEN_COLUMNS).to_csv(index=False), end="")
+        return 0
     if result.loss is not None:
         print(f"loss {result.loss:.6f}")
     print(token_table(result, args.sequence, include_prompt=args.prompt))
@@ -118,13 +174,96 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    frame = _client(args).sql(args.query)
-    if args.format == "csv":
+    _print_frame(_client(args).sql(args.query), args.format)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, format_for, load, portable, read_job_ids
+
+    job_ids = None
+    if args.jobs or args.jobs_file:
+        job_ids = list(args.jobs or [])
+        if args.jobs_file:
+            with (sys.stdin if args.jobs_file == "-" else open(args.jobs_file)) as lines:
+                job_ids += read_job_ids(lines)
+    client = _client(args)
+    if args.output is None:  # CSV on stdout
+        if format_for(None, args.format) != "csv":
+            print("logprobe: Parquet needs an output file (-o FILE)", file=sys.stderr)
+            return 2
+        frame = load(client, query=args.query, job_ids=job_ids, table=args.table)
+        portable(frame).to_csv(sys.stdout, index=False)
+        return 0
+    frame = export(client, args.output, query=args.query, job_ids=job_ids, table=args.table,
+                   format=args.format)
+    print(f"wrote {len(frame)} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import write_plot
+
+    if len(args.jobs) > 1 and not args.compare:
+        print("logprobe: several jobs: add --compare to overlay them in one plot",
+              file=sys.stderr)
+        return 2
+    client = _client(args)
+    results = [client.job(j).result(timeout=args.wait) for j in args.jobs]
+    stem = "compare-" + "-".join(j[:8] for j in args.jobs) if args.compare else args.jobs[0]
+    outputs = args.output or [f"{stem}.png", f"{stem}.html"]
+    for output in outputs:
+        print(write_plot(results, output, sequence=args.sequence, width=args.width,
+                         height=args.height))
+    return 0
+
+
+def _print_frame(frame: Any, fmt: str) -> None:
+    if fmt == "csv":
         print(frame.to_csv(index=False), end="")
-    elif args.format == "json":
+    elif fmt == "json":
         print(frame.to_json(orient="records", date_format="iso"))
     else:
         print(frame.to_string(index=False) if len(frame) else "(no rows)")
+
+
+def cmd_determinism(args: argparse.Namespace) -> int:
+    from .determinism import config_hash, report
+    from .specs import make_spec
+
+    client = _client(args)
+    if args.determinism_command == "report":
+        _print_frame(report(client, config_hash=args.config_hash, model=args.model,
+                            kind=args.kind), args.format)
+        return 0
+    fields = json.loads(args.spec) if args.spec else {}
+    fields.update(model=args.model)
+    if args.text is not None:
+        fields["text" if args.kind == "score" else "prompt"] = args.text
+    spec = make_spec(args.kind, **fields)
+    jobs = client.repeat(spec, args.n, queues=args.queue or None)
+    digest = config_hash(spec)
+    print(f"config_hash {digest}")
+    for job in jobs:
+        print(job.id)
+    if args.wait is not None:
+        for job in jobs:
+            job.wait(timeout=args.wait or None)
+        _print_frame(report(client, config_hash=digest), args.format)
+    return 0
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job)
+    values = job.logits(timeout=args.wait)
+    ref = job.artifacts()["logits"]
+    print(f"uri     {ref.uri}\nshape   {list(ref.shape)}\ndtype   {ref.dtype}\n"
+          f"sha256  {ref.sha256}\nbytes   {ref.num_bytes}")
+    if args.out:
+        import numpy as np
+
+        np.save(args.out, values, allow_pickle=False)
+        print(f"saved   {args.out}")
     return 0
 
 
@@ -172,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--top-p", type=float)
     submit.add_argument("--seed", type=int)
     submit.add_argument("--num-return-sequences", type=int, default=1)
+    submit.add_argument("--device-map", choices=["auto"],
+                        help="spread a big model over all the worker's GPUs (accelerate)")
+    submit.add_argument("--time-limit", type=int,
+                        help="seconds the job may run (default $LOGPROBE_JOB_TIME_LIMIT or 6 h)")
+    submit.add_argument("--no-progress", action="store_true",
+                        help="with --wait: no progress bar")
     submit.add_argument("--spec", help="a JSON object of further spec fields")
     submit.add_argument("--wait", type=float, nargs="?", const=0,
                         help="wait for the result (optionally at most this many seconds) "
@@ -179,16 +324,92 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="a job's status, provenance and error")
     status.add_argument("job")
+    status.add_argument("--progress", action="store_true",
+                        help="show the last reported progress even if not running")
+
+    wait = sub.add_parser("wait", help="wait for a job, with a progress bar")
+    wait.add_argument("job")
+    wait.add_argument("--timeout", type=float, help="give up after this many seconds")
+    wait.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cancel = sub.add_parser("cancel", help="cancel jobs: queued ones never start, running "
+                            "ones stop at the next decoding step (results kept, partial)")
+    cancel.add_argument("jobs", nargs="+", metavar="JOB")
+    cancel.add_argument("--wait", type=float, nargs="?", const=0,
+                        help="wait until a running job has stopped (at most this many seconds)")
+
+    requeue = sub.add_parser("requeue", help="resubmit jobs SQL says are queued/running but "
+                             "the broker lost (e.g. after Redis lost its data)")
+    requeue.add_argument("--older-than", type=float, default=60.0,
+                         help="only jobs submitted at least this many seconds ago (default 60)")
+    requeue.add_argument("--stale-after", type=float, default=30.0,
+                         help="a running job whose worker reported within this many seconds "
+                         "is alive and left alone (default 30)")
+    requeue.add_argument("--dry-run", action="store_true", help="list them, resubmit nothing")
 
     show = sub.add_parser("show", help="a finished job's per-token table")
     show.add_argument("job")
     show.add_argument("--sequence", type=int, default=0)
     show.add_argument("--prompt", action="store_true", help="include a generation's prompt")
     show.add_argument("--wait", type=float, help="wait up to this many seconds for the job")
+    show.add_argument("--format", choices=["table", "csv"], default="table")
 
     sql = sub.add_parser("sql", help="run a SQL query on the results database")
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    export = sub.add_parser("export", help="write a query's rows, or jobs' rows, to "
+                            "CSV or Parquet")
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--query", "-q", help="a SQL query (any table or view)")
+    what.add_argument("--jobs", nargs="+", metavar="JOB", help="job ids")
+    what.add_argument("--jobs-file", metavar="FILE",
+                      help="job ids, one per line (`-` for stdin), e.g. saved submit output")
+    export.add_argument("--table", default="token_view",
+                        help="where job rows come from: token_view (default), tokens, "
+                        "top_logprobs, sequences, jobs")
+    export.add_argument("--format", choices=["csv", "parquet"],
+                        help="default: from the output file's suffix, else csv")
+    export.add_argument("--output", "-o", help="output file (default: CSV on stdout)")
+
+    plot = sub.add_parser("plot", help="draw a job's per-token logprobs (PNG and/or HTML)")
+    plot.add_argument("jobs", nargs="+", metavar="JOB")
+    plot.add_argument("--compare", action="store_true",
+                      help="overlay several jobs (the same text across models)")
+    plot.add_argument("--output", "-o", action="append",
+                      help="a .png or .html file; repeatable (default: JOB.png and JOB.html)")
+    plot.add_argument("--sequence", type=int, default=0)
+    plot.add_argument("--width", type=int, help="pixels (default: fits the tokens)")
+    plot.add_argument("--height", type=int, help="pixels (default: 420)")
+    plot.add_argument("--wait", type=float, default=0,
+                      help="wait up to this many seconds for unfinished jobs")
+    logits = sub.add_parser("logits", help="a job's full-logits artifact (return_logits)")
+    logits.add_argument("job")
+    logits.add_argument("--out", help="also save the array to this .npy file")
+    logits.add_argument("--wait", type=float, help="wait up to this many seconds for the job")
+
+    det = sub.add_parser("determinism", help="repeat probes and compare their runs")
+    det_sub = det.add_subparsers(dest="determinism_command", required=True)
+    det_report = det_sub.add_parser(
+        "report", help="the determinism_report view: one row per probe configuration")
+    det_report.add_argument("--config-hash", help="only this configuration")
+    det_report.add_argument("--model", help="only this model")
+    det_report.add_argument("--kind", choices=["score", "generate"])
+    det_report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    det_repeat = det_sub.add_parser(
+        "repeat", help="submit one probe N times (to each --queue); prints the config hash "
+        "and job ids")
+    det_repeat.add_argument("kind", choices=["score", "generate"])
+    det_repeat.add_argument("text", nargs="?", help="text to score, or prompt to continue")
+    det_repeat.add_argument("--model", "-m", required=True)
+    det_repeat.add_argument("-n", type=int, default=5, help="runs per queue (default 5)")
+    det_repeat.add_argument("--queue", action="append",
+                            help="a queue to send the N runs to (repeatable)")
+    det_repeat.add_argument("--spec", help="a JSON object of further spec fields")
+    det_repeat.add_argument("--wait", type=float, nargs="?", const=0,
+                            help="wait for the runs (optionally at most this many seconds "
+                            "each) and print the report row")
+    det_repeat.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
@@ -205,7 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_worker(args, extra)
     args = parser.parse_args(argv)
     commands = {"submit": cmd_submit, "status": cmd_status, "show": cmd_show,
-                "sql": cmd_sql, "db": cmd_db}
+                "sql": cmd_sql, "db": cmd_db, "export": cmd_export, "plot": cmd_plot,
+                "determinism": cmd_determinism, "logits": cmd_logits, "wait": cmd_wait,
+                "cancel": cmd_cancel, "requeue": cmd_requeue}
     try:
         return commands[args.command](args)
     except LogprobeError as exc:

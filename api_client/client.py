@@ -10,22 +10,35 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, delete, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from .broker import make_celery
+from .artifacts import EMBEDDINGS_DIR, ArtifactStore, embedding_array
+from .broker import (
+    default_job_time_limit,
+    hard_limit_grace,
+    make_celery,
+    max_job_time_limit,
+    soft_limit_grace,
+)
 from .constants import TASK_RUN_PROBES, default_queue
 from .database import ensure_schema, make_engine, make_sessionmaker
-from .errors import ConfigError
+from .determinism import config_hash
+from .determinism import report as determinism_report
+from .embedding_specs import ArtifactEmbedding, InterpolateEmbedding, NoiseEmbedding
+from .errors import ConfigError, SpecError
 from .jobs import JobHandle
+from .logits import check_logits_size_at_submit
 from .reuse import spec_hash
 from .schema import Job, JobStatus
-from .settings import Settings
+from .settings import Settings, mask_url
 from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
 from .sweeps import DEFAULT_CHUNK_SIZE, SweepHandle, chunk_messages, job_values, sweep_specs
 
 if TYPE_CHECKING:
     import pandas as pd
+    import redis
     from celery import Celery
 
 AnySpec = ScoreSpec | GenerateSpec
+_EMBEDDING_SPECS = (ArtifactEmbedding, NoiseEmbedding, InterpolateEmbedding)
 
 
 class Client:
@@ -44,17 +57,23 @@ class Client:
         *,
         home: str | None = None,
         queue: str | None = None,
+        artifacts_url: str | None = None,
+        routes: dict[str, str] | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         #: Where submissions go when a call names no queue (default: logprobe.<backend>).
         self.queue = queue
+        #: Model name -> queue, for jobs of that model when a call names no queue
+        #: (e.g. ``{"meta-llama/Llama-2-7b-hf": model_queue("llama-7b")}``).
+        self.routes = dict(routes or {})
         #: Most jobs per broker message when many are submitted together (see sweeps.py).
         self.chunk_size = chunk_size
         self.settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
-                                          home=home)
+                                          home=home, artifacts_url=artifacts_url)
         self._engine: Engine | None = None
         self._sessionmaker: sessionmaker[Session] | None = None
         self._celery: Celery | None = None
+        self._redis: redis.Redis | None = None
 
     # --- connections -------------------------------------------------------------
 
@@ -82,6 +101,22 @@ class Client:
             self._celery = make_celery(self.settings.resolved_redis_url())
         return self._celery
 
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """The artifact store (``LOGPROBE_ARTIFACTS_URL``, default ``$LOGPROBE_HOME/artifacts``)."""
+        return ArtifactStore.from_settings(self.settings)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A Redis client for live state (progress, cancel flags); opened on first use."""
+        if self._redis is None:
+            import redis as redis_module
+
+            self._redis = redis_module.Redis.from_url(
+                self.settings.resolved_redis_url(), socket_timeout=10, socket_connect_timeout=10
+            )
+        return self._redis
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
@@ -90,6 +125,9 @@ class Client:
         if self._celery is not None:
             self._celery.close()
             self._celery = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
 
     def __enter__(self) -> Client:
         return self
@@ -99,22 +137,30 @@ class Client:
 
     # --- submitting --------------------------------------------------------------
 
-    def submit(self, spec: AnySpec | dict[str, Any], *, queue: str | None = None) -> JobHandle:
+    def submit(self, spec: AnySpec | dict[str, Any], *, queue: str | None = None,
+               time_limit: int | None = None) -> JobHandle:
         """Submit one probe spec (a spec object or its JSON dict); returns at once."""
-        return self.submit_many([spec], queue=queue)[0]
+        return self.submit_many([spec], queue=queue, time_limit=time_limit)[0]
 
     def submit_many(
         self, specs: Iterable[AnySpec | dict[str, Any]], *, queue: str | None = None,
-        chunk_size: int | None = None, sweep_id: str | None = None,
+        time_limit: int | None = None, chunk_size: int | None = None,
+        sweep_id: str | None = None,
     ) -> list[JobHandle]:
         """Validate every spec, write the job rows in one transaction, then enqueue.
 
-        Jobs go to the broker ``chunk_size`` (default ``self.chunk_size``) to a
-        message, grouped by queue and model, so a worker can batch them.
-        Nothing is written if any spec is invalid (:class:`SpecError`). If the
-        broker cannot be reached, the rows are removed again and the error raised.
+        ``time_limit``: seconds each job may run before the worker stops it (default
+        ``LOGPROBE_JOB_TIME_LIMIT`` or 6 h; at most :func:`~api_client.broker.max_job_time_limit`,
+        below the broker's visibility timeout). Jobs go to the broker ``chunk_size``
+        (default ``self.chunk_size``) to a message, grouped by queue and model, so a
+        worker can batch them. Nothing is written if any spec is invalid
+        (:class:`SpecError`). If the broker cannot be reached, the rows are removed
+        again and the error raised.
         """
+        check_time_limit(time_limit)
         parsed = [parse_spec(s) for s in specs]
+        for spec in parsed:
+            check_logits_size_at_submit(spec, self.settings.max_logits_bytes)
         now = datetime.now(timezone.utc)
         rows = [
             Job(
@@ -124,8 +170,11 @@ class Client:
                 model=spec.model,
                 status=JobStatus.QUEUED,
                 spec=spec.model_dump(mode="json"),
-                queue=queue or self.queue or default_queue(spec.backend),
+                queue=queue or self.routes.get(spec.model) or self.queue
+                or default_queue(spec.backend),
                 seed=getattr(spec, "seed", None),
+                config_hash=config_hash(spec),
+                time_limit=time_limit,
                 created_at=now,
                 sweep_id=sweep_id,
                 spec_hash=spec_hash(spec),
@@ -143,19 +192,28 @@ class Client:
                 session.execute(delete(Job).where(Job.id.in_([r.id for r in rows])))
             raise ConfigError(
                 f"could not send the jobs to the broker at "
-                f"{self.settings.redis_url or 'the embedded Redis'}: {exc}; "
+                f"{mask_url(self.settings.redis_url or '') or 'the embedded Redis'}: {exc}; "
                 "check LOGPROBE_REDIS_URL and that Redis is running"
             ) from exc
         return [JobHandle(self, row.id) for row in rows]
 
     def _enqueue(self, rows: Sequence[Job], chunk_size: int = 1) -> None:
         with self.celery.producer_or_acquire() as producer:
+            limits = {row.id: row.time_limit or default_job_time_limit() for row in rows}
             for queue_name, items in chunk_messages(rows, chunk_size):
+                for item in items:
+                    item["time_limit"] = limits[item["id"]]
+                # Each job checks its own limit at every decoding step; Celery's soft and
+                # hard limits on the message (its jobs' limits together, below the
+                # visibility timeout) follow a little later as a backstop.
+                limit = min(sum(limits[item["id"]] for item in items), max_job_time_limit())
                 self.celery.send_task(
                     TASK_RUN_PROBES,
                     args=[{"jobs": items}],
                     queue=queue_name,
                     producer=producer,
+                    soft_time_limit=limit + soft_limit_grace(limit),
+                    time_limit=limit + hard_limit_grace(limit),
                 )
 
     def score(
@@ -168,40 +226,121 @@ class Client:
         top_logprobs: int = 0,
         backend: str = "hf",
         queue: str | None = None,
+        embedding: Any = None,
+        time_limit: int | None = None,
         **options: Any,
     ) -> JobHandle:
         """Score a text (or token ids): loss and per-token logprobs. Returns at once.
 
-        ``options`` are the remaining :class:`ScoreSpec` fields (revision, dtype, device).
+        ``embedding`` scores an input embedding instead: an array ``[seq, hidden]``
+        (numpy or torch; uploaded to the artifact store) or an embedding spec
+        (:class:`NoiseEmbedding`, :class:`InterpolateEmbedding`, or its dict);
+        ``token_ids`` are then the target ids of its positions.
+        ``options`` are the remaining :class:`ScoreSpec` fields (revision, dtype,
+        device, return_logits, logits_last_n, logits_dtype).
         """
         spec = make_spec("score", text=text, token_ids=list(token_ids) if token_ids else None,
                          model=model, prepend_bos=prepend_bos, top_logprobs=top_logprobs,
-                         backend=backend, **options)
-        return self.submit(spec, queue=queue)
+                         backend=backend, embedding=self._embedding_field(embedding),
+                         **options)
+        return self.submit(spec, queue=queue, time_limit=time_limit)
 
     def score_many(
-        self, texts: Iterable[str], *, model: str, queue: str | None = None, **options: Any
+        self, texts: Iterable[str], *, model: str, queue: str | None = None,
+        time_limit: int | None = None, **options: Any
     ) -> list[JobHandle]:
         """Score many texts with the same options: one job each, submitted together."""
         specs = [make_spec("score", text=t, model=model, **options) for t in texts]
-        return self.submit_many(specs, queue=queue)
+        return self.submit_many(specs, queue=queue, time_limit=time_limit)
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | None = None,
         *,
         model: str,
         max_new_tokens: int = 16,
         do_sample: bool = False,
         backend: str = "hf",
         queue: str | None = None,
+        embedding: Any = None,
+        time_limit: int | None = None,
         **options: Any,
     ) -> JobHandle:
-        """Continue a prompt. ``options`` are the remaining :class:`GenerateSpec` fields
-        (temperature, top_k, top_p, seed, num_return_sequences, top_logprobs, ...)."""
+        """Continue a prompt, or an input ``embedding`` (an array or embedding spec, as
+        for :meth:`score`). ``options`` are the remaining :class:`GenerateSpec` fields
+        (temperature, top_k, top_p, seed, num_return_sequences, top_logprobs,
+        return_logits, ...)."""
         spec = make_spec("generate", prompt=prompt, model=model, max_new_tokens=max_new_tokens,
-                         do_sample=do_sample, backend=backend, **options)
-        return self.submit(spec, queue=queue)
+                         do_sample=do_sample, backend=backend,
+                         embedding=self._embedding_field(embedding), **options)
+        return self.submit(spec, queue=queue, time_limit=time_limit)
+
+    def requeue(self, *, older_than: float = 60.0, stale_after: float = 30.0,
+                dry_run: bool = False) -> list[str]:
+        """Resubmit jobs SQL says are queued or running but the broker no longer holds
+        (e.g. after Redis lost its data). See :func:`api_client.requeue.requeue_lost_jobs`."""
+        from .requeue import requeue_lost_jobs
+
+        return requeue_lost_jobs(self, older_than=older_than, stale_after=stale_after,
+                                 dry_run=dry_run)
+
+    # --- embeddings and repeats ----------------------------------------------------
+
+    def upload_embedding(self, array: Any) -> ArtifactEmbedding:
+        """Store a ``[seq, hidden]`` (or ``[1, seq, hidden]``) array as safetensors in the
+        artifact store; returns the spec that refers to it by URI and sha256.
+
+        Raises :class:`SpecError` for a wrong shape, a non-float dtype or NaN/inf values.
+        """
+        values = embedding_array(array)
+        ref = self.artifacts.put_array(EMBEDDINGS_DIR, "embedding", values)
+        return ArtifactEmbedding(uri=ref.uri, sha256=ref.sha256,
+                                 shape=(values.shape[0], values.shape[1]),
+                                 dtype=ref.dtype)  # type: ignore[arg-type]
+
+    def _embedding_field(self, embedding: Any) -> Any:
+        """An embedding argument as spec JSON: arrays are uploaded, specs passed through."""
+        if embedding is None or isinstance(embedding, dict):
+            return embedding
+        if isinstance(embedding, _EMBEDDING_SPECS):
+            return embedding.model_dump(mode="json")
+        return self.upload_embedding(embedding).model_dump(mode="json")
+
+    def repeat(
+        self,
+        probe: AnySpec | dict[str, Any] | None = None,
+        n: int = 5,
+        *,
+        queues: Sequence[str] | None = None,
+        **fields: Any,
+    ) -> list[JobHandle]:
+        """Submit the same probe ``n`` times (to each of ``queues``, if given).
+
+        ``probe`` is a spec (object or dict), or leave it out and pass the spec's
+        fields as keywords (``kind="generate", prompt=..., model=...``). All the
+        jobs share one ``config_hash``; compare them with :meth:`determinism`.
+        """
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        if probe is None:
+            kind = fields.pop("kind", None)
+            if kind is None:
+                raise ValueError("repeat() needs a probe spec, or kind=... and the spec fields")
+            if "embedding" in fields:
+                fields["embedding"] = self._embedding_field(fields["embedding"])
+            probe = make_spec(kind, **fields)
+        elif fields:
+            raise ValueError("pass either a probe spec or keyword fields, not both")
+        spec = parse_spec(probe)
+        handles: list[JobHandle] = []
+        for queue in list(queues) if queues else [None]:
+            handles.extend(self.submit_many([spec] * n, queue=queue))
+        return handles
+
+    def determinism(self, *, config_hash: str | None = None, model: str | None = None,
+                    kind: str | None = None) -> pd.DataFrame:
+        """The ``determinism_report`` view: one row per probe configuration."""
+        return determinism_report(self, config_hash=config_hash, model=model, kind=kind)
 
     def sweep(
         self,
@@ -241,3 +380,19 @@ class Client:
 
         with self.engine.connect() as connection:
             return pd.read_sql_query(text(query), connection, params=params)
+
+
+def check_time_limit(time_limit: int | None) -> None:
+    """Refuse a time limit that is not positive or would outlast the visibility timeout."""
+    if time_limit is None:
+        return
+    cap = max_job_time_limit()
+    if isinstance(time_limit, bool) or not isinstance(time_limit, int) or time_limit < 1:
+        raise SpecError(f"time_limit: {time_limit!r} is not a whole number of seconds >= 1")
+    if time_limit > cap:
+        raise SpecError(
+            f"time_limit: {time_limit} s is more than {cap} s, the most the broker's "
+            "visibility timeout allows (a longer job would be delivered to a second worker "
+            "while it runs); lower it, or raise LOGPROBE_VISIBILITY_TIMEOUT on clients and "
+            "workers"
+        )

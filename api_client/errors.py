@@ -19,6 +19,10 @@ class SpecError(LogprobeError, ValueError):
     """A probe spec was refused at submit; the message names the field to change."""
 
 
+class ArtifactError(LogprobeError):
+    """An artifact (uploaded embedding, stored logits) is missing, unreadable or altered."""
+
+
 class JobNotFound(LogprobeError, KeyError):
     """No job row has this id."""
 

@@ -86,6 +86,8 @@ class ProbeResult:
     sequences: tuple[SequenceResult, ...]
     model_revision: str | None = None
     system_fingerprint: str | None = None
+    #: True when the job was stopped early (cancelled, time limit): tokens so far only.
+    partial: bool = False
 
     @property
     def tokens(self) -> tuple[TokenLogprob, ...]:
@@ -148,4 +150,5 @@ def read_result(session: Session, job: Job) -> ProbeResult:
         sequences=tuple(sequences),
         model_revision=job.model_revision,
         system_fingerprint=job.system_fingerprint,
+        partial=bool(job.partial),
     )

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    false,
     func,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -78,6 +79,11 @@ class Job(Base):
     request_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Determinism: jobs with the same config_hash asked the same question (set at submit:
+    # sha256 of the canonical spec JSON without seed and device); output_hash is the
+    # sha256 of the output token ids of every sequence (set when results are stored).
+    config_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    output_hash: Mapped[str | None] = mapped_column(String(64))
 
     # What came out.
     loss: Mapped[float | None] = mapped_column(Float)
@@ -85,6 +91,11 @@ class Job(Base):
     num_scored_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(128))
+    #: True when the stored rows are what the job had computed when it was cancelled
+    #: or ran out of time, not a complete result.
+    partial: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: Seconds the job may run (each attempt) before the worker stops it; None = default.
+    time_limit: Mapped[int | None] = mapped_column(Integer)
 
     # Throughput (docs/throughput.md): the sweep a job belongs to, a hash of its spec
     # (less the reuse flag) for finding identical probes, and the finished job whose
@@ -156,3 +167,22 @@ class TopLogprob(Base):
     token_id: Mapped[int | None] = mapped_column(Integer)
     token: Mapped[str] = mapped_column(Text)
     logprob: Mapped[float] = mapped_column(Float)
+
+
+class Artifact(Base):
+    """A file in the artifact store that belongs to a job (``name``: logits, input_embeds)."""
+
+    __tablename__ = "artifacts"
+
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    shape: Mapped[list[int]] = mapped_column(JSON)
+    dtype: Mapped[str] = mapped_column(String(16))
+    num_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )

@@ -10,11 +10,29 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import ENV_DATABASE_URL, ENV_HOME, ENV_REDIS_URL
+from .constants import (
+    DEFAULT_MAX_LOGITS_BYTES,
+    ENV_ARTIFACTS_URL,
+    ENV_DATABASE_URL,
+    ENV_HOME,
+    ENV_MAX_LOGITS_BYTES,
+    ENV_REDIS_URL,
+)
+from .errors import ConfigError
 
 
 def _default_home() -> Path:
     return Path(os.environ.get(ENV_HOME) or Path.home() / ".logprobe").expanduser()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of bytes") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +42,11 @@ class Settings:
     redis_url: str | None = None
     database_url: str | None = None
     home: Path = field(default_factory=_default_home)
+    #: Artifact store (uploaded embeddings, full logits): a directory or an fsspec URL;
+    #: None = ``home/artifacts``.
+    artifacts_url: str | None = None
+    #: The largest full-logits artifact one job may write (checked at submit and in the worker).
+    max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -31,6 +54,8 @@ class Settings:
             "redis_url": os.environ.get(ENV_REDIS_URL) or None,
             "database_url": os.environ.get(ENV_DATABASE_URL) or None,
             "home": _default_home(),
+            "artifacts_url": os.environ.get(ENV_ARTIFACTS_URL) or None,
+            "max_logits_bytes": _env_int(ENV_MAX_LOGITS_BYTES, DEFAULT_MAX_LOGITS_BYTES),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["home"] = Path(str(values["home"])).expanduser()
@@ -47,6 +72,10 @@ class Settings:
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.sqlite_path}"
 
+    def resolved_artifacts_url(self) -> str:
+        """The artifact store's URL, or the directory ``home/artifacts``."""
+        return self.artifacts_url or str(self.home / "artifacts")
+
     def resolved_redis_url(self) -> str:
         """The Redis URL, starting the embedded Redis server when none is set."""
         if self.redis_url:
@@ -54,3 +83,15 @@ class Settings:
         from .embedded_redis import ensure_embedded_redis
 
         return ensure_embedded_redis(self.home / "redis")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

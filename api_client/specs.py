@@ -13,15 +13,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from .embedding_specs import AnyEmbedding, ArtifactEmbedding, EmbeddingInput, LogitsDType
 from .errors import SpecError
 
 Backend = Literal["hf", "openai"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+#: Which OpenAI endpoint a probe uses: legacy ``/v1/completions`` or chat completions.
+OpenAIApi = Literal["completions", "chat"]
 
 #: The largest number of alternatives stored per position (OpenAI chat allows 20).
 MAX_TOP_LOGPROBS = 20
 #: Seeds are stored in a signed 64-bit column and fed to torch.manual_seed.
 MAX_SEED = 2**63 - 1
+#: The most alternatives each OpenAI endpoint returns per position.
+OPENAI_MAX_TOP_LOGPROBS = {"completions": 5, "chat": 20}
 
 
 class _ProbeBase(BaseModel):
@@ -39,6 +44,16 @@ class _ProbeBase(BaseModel):
         default=None,
         pattern=r"^(cpu|mps|cuda(:\d+)?)$",
         description="cpu, mps, cuda or cuda:N; None = the worker picks (cuda, mps, cpu)",
+    )
+    openai_api: OpenAIApi | None = Field(
+        default=None,
+        description="backend 'openai' only: 'completions' (/v1/completions, the default) "
+        "or 'chat' (chat completions; generate probes only)",
+    )
+    device_map: Literal["auto"] | None = Field(
+        default=None,
+        description='"auto": spread a model too big for one GPU over every GPU the worker '
+        "sees (then CPU memory), with accelerate; instead of device",
     )
     reuse: bool | None = Field(
         default=None,
@@ -58,12 +73,63 @@ class _ProbeBase(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def check_device_map(self) -> _ProbeBase:
+        if self.device_map is not None and self.device is not None:
+            raise ValueError(
+                "device_map='auto' places the model itself; drop device, or drop device_map "
+                "to run on one device"
+            )
+        if self.device_map is not None and self.backend != "hf":
+            raise ValueError("device_map applies to the 'hf' backend only; drop it")
+        return self
+
+    @model_validator(mode="after")
     def check_backend_options(self) -> _ProbeBase:
         if self.backend == "openai" and (self.dtype or self.device or self.revision):
             raise ValueError(
                 "dtype, device and revision apply to the 'hf' backend only; drop them "
                 "for backend='openai'"
             )
+        if self.openai_api is not None and self.backend != "openai":
+            raise ValueError("openai_api applies to backend='openai' only; drop it")
+        return self
+
+    @model_validator(mode="after")
+    def check_openai_limits(self) -> _ProbeBase:
+        """What the OpenAI endpoints cannot do is refused at submit, not by the API."""
+        if self.backend != "openai":
+            return self
+        api = self.openai_api or "completions"
+        limit = OPENAI_MAX_TOP_LOGPROBS[api]
+        if getattr(self, "top_logprobs", 0) > limit:
+            raise ValueError(
+                f"top_logprobs is at most {limit} on OpenAI {api} "
+                f"(got {getattr(self, 'top_logprobs', 0)})"
+                + ("; use openai_api='chat' for up to 20" if api == "completions" else "")
+            )
+        if getattr(self, "kind", None) == "score" and api == "chat":
+            raise ValueError("chat completions return no prompt logprobs, so they cannot "
+                             "score a text; use openai_api='completions'")
+        if getattr(self, "prepend_bos", False):
+            raise ValueError("prepend_bos is not available on backend='openai'; put the "
+                             "model's end-of-text token id first in token_ids instead")
+        if getattr(self, "top_k", None) is not None:
+            raise ValueError("top_k is not an OpenAI sampling parameter; use top_p or "
+                             "temperature with backend='openai'")
+        return self
+
+    @model_validator(mode="after")
+    def check_tensor_options(self) -> _ProbeBase:
+        """Embedding inputs and full logits: hf only; logits options need return_logits."""
+        embedding: AnyEmbedding | None = getattr(self, "embedding", None)
+        return_logits: bool = getattr(self, "return_logits", False)
+        if self.backend != "hf" and (embedding is not None or return_logits):
+            raise ValueError(
+                "embedding and return_logits need the 'hf' backend (OpenAI serves neither "
+                "input embeddings nor full logits); set backend='hf' or drop them"
+            )
+        if not return_logits and getattr(self, "logits_last_n", None) is not None:
+            raise ValueError("logits_last_n only applies with return_logits=True")
         return self
 
 
@@ -83,15 +149,48 @@ class ScoreSpec(_ProbeBase):
         default=False, description="score the first token too, given the BOS token"
     )
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    embedding: EmbeddingInput | None = Field(
+        default=None,
+        description="score inputs_embeds instead of text; token_ids are then the optional "
+        "target ids (one per position) that logprobs and the loss are computed for",
+    )
+    return_logits: bool = Field(default=False, description="store the full logits artifact")
+    logits_last_n: int | None = Field(default=None, ge=1,
+                                      description="store only the last N positions' logits")
+    logits_dtype: LogitsDType = "float32"
 
     @model_validator(mode="after")
     def check_one_input(self) -> ScoreSpec:
+        if self.embedding is not None:
+            return self._check_embedding_input(self.embedding)
         if (self.text is None) == (self.token_ids is None):
             raise ValueError("give exactly one of text and token_ids")
         if self.token_ids is not None and len(self.token_ids) < 2 and not self.prepend_bos:
             raise ValueError(
                 "token_ids has one token, which has nothing before it to be scored "
                 "against; pass prepend_bos=True or at least two tokens"
+            )
+        return self
+
+    def _check_embedding_input(self, embedding: AnyEmbedding) -> ScoreSpec:
+        if self.text is not None:
+            raise ValueError(
+                "give either text or embedding, not both (with an embedding, token_ids "
+                "are the optional target ids of its positions)"
+            )
+        if self.prepend_bos:
+            raise ValueError(
+                "prepend_bos does not apply to an embedding input; put the BOS token's "
+                "embedding into the array instead"
+            )
+        if (
+            isinstance(embedding, ArtifactEmbedding)
+            and self.token_ids is not None
+            and len(self.token_ids) != embedding.shape[0]
+        ):
+            raise ValueError(
+                f"token_ids has {len(self.token_ids)} ids but the embedding has "
+                f"{embedding.shape[0]} positions; give one target id per position"
             )
         return self
 
@@ -106,7 +205,7 @@ class GenerateSpec(_ProbeBase):
     """
 
     kind: Literal["generate"] = "generate"
-    prompt: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
     max_new_tokens: int = Field(default=16, ge=1, le=100_000)
     do_sample: bool = False
     temperature: float | None = Field(default=None, gt=0, le=100)
@@ -115,6 +214,24 @@ class GenerateSpec(_ProbeBase):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_return_sequences: int = Field(default=1, ge=1, le=64)
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    embedding: EmbeddingInput | None = Field(
+        default=None, description="continue these inputs_embeds instead of a text prompt"
+    )
+    return_logits: bool = Field(
+        default=False, description="store the raw logits of every generation step"
+    )
+    logits_last_n: int | None = Field(default=None, ge=1,
+                                      description="store only the last N steps' logits")
+    logits_dtype: LogitsDType = "float32"
+
+    @model_validator(mode="after")
+    def check_one_prompt(self) -> GenerateSpec:
+        if (self.prompt is None) == (self.embedding is None):
+            raise ValueError(
+                "give exactly one of prompt and embedding (an embedding input replaces "
+                "the prompt)"
+            )
+        return self
 
     @model_validator(mode="after")
     def check_sampling(self) -> GenerateSpec:

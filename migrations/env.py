@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection
 
 from api_client.database import make_engine
 from api_client.schema import Base
@@ -23,9 +24,23 @@ def run_offline() -> None:
         context.run_migrations()
 
 
+def _sqlite_batch_safety(connection: Connection) -> None:
+    """Make SQLite's batch mode (copy table, drop, rename) safe for data and views.
+
+    With foreign keys on, dropping ``jobs`` would cascade-delete every token row;
+    with the modern rename, renaming the copy back to ``jobs`` fails on the views
+    that name ``jobs``. Both pragmas must be set outside a transaction.
+    """
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.exec_driver_sql("PRAGMA legacy_alter_table=ON")
+    connection.commit()
+
+
 def run_online() -> None:
     engine = make_engine(_url())
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            _sqlite_batch_safety(connection)
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=True, compare_type=True)
         with context.begin_transaction():

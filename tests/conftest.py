@@ -40,6 +40,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def long_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny GPT-2 with a 16,384-token context, for long generations (10,000 tokens)."""
+    from tests.tiny_models import build_gpt2
+
+    return str(build_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2-16k",
+                          n_positions=16384))
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tiny_models: dict[str, Path]) -> str:
     return str(tiny_models["gpt2"])
 

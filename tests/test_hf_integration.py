@@ -6,6 +6,7 @@ on tiny GPT-2 and LLaMA models built offline.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from functools import cache
 
@@ -149,6 +150,8 @@ def test_job_row_records_provenance(client, tiny_gpt2: str) -> None:
     import transformers
 
     assert info["transformers_version"] == transformers.__version__
+    assert info["openai_version"] == importlib.metadata.version("openai")
+    assert info["device_name"]
     assert info["deterministic"] is False
     assert info["batch_size"] == 1
     assert info["worker"].startswith("hf")

@@ -13,6 +13,9 @@ import sys
 
 from api_client.constants import default_queue
 
+#: OpenAI calls wait on the network, not a GPU: a thread pool of this many by default.
+OPENAI_DEFAULT_CONCURRENCY = 8
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="logprobe worker", description=__doc__)
@@ -20,9 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu", type=int,
                         help="serve on this GPU only (sets CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--queues", help="comma-separated queues (default: logprobe.<backend>)")
-    parser.add_argument("--concurrency", "-c", type=int, default=1,
-                        help="worker processes (hf: one per GPU is right; default 1)")
-    parser.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork")
+    parser.add_argument("--concurrency", "-c", type=int,
+                        help="worker processes or threads (hf: one per GPU is right, default 1; "
+                        f"openai: requests in flight, default {OPENAI_DEFAULT_CONCURRENCY})")
+    parser.add_argument("--pool", choices=["prefork", "solo", "threads"],
+                        help="default: prefork for hf, threads for openai (I/O bound)")
     parser.add_argument("--max-models", type=int, help="models kept loaded per process (LRU)")
     parser.add_argument("--max-attempts", type=int,
                         help="give a job up after its worker died this many times")
@@ -54,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     app.worker_main([
         "worker",
         "--queues", args.queues or default_queue(args.backend),
-        "--concurrency", str(args.concurrency),
-        "--pool", args.pool,
+        "--concurrency", str(args.concurrency or (
+            OPENAI_DEFAULT_CONCURRENCY if args.backend == "openai" else 1)),
+        "--pool", args.pool or ("threads" if args.backend == "openai" else "prefork"),
         "--hostname", hostname,
         "--loglevel", args.loglevel,
         "--without-gossip",

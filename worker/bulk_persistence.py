@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from api_client.schema import Job, JobStatus, Token, TopLogprob
+from api_client.determinism import output_hash
+from api_client.schema import Artifact, Job, JobStatus, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
 
 from .backends.base import ProbeOutput
@@ -149,7 +150,7 @@ def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
         if not todo:
             return []
         todo_ids = [job_id for job_id, _ in todo]
-        for table in (TopLogprob, Token, SequenceRow):  # rows of an interrupted attempt
+        for table in (TopLogprob, Token, SequenceRow, Artifact):  # an interrupted attempt's
             session.execute(delete(table).where(table.job_id.in_(todo_ids)))
         rows = output_rows(todo)
         insert_rows(session, SequenceRow, SEQUENCE_COLUMNS, rows.sequences)
@@ -164,6 +165,8 @@ def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
                 "loss": output.loss,
                 "sum_logprob": output.sum_logprob,
                 "num_scored_tokens": output.num_scored_tokens,
+                "output_hash": output_hash(output.sequences),
+                "partial": False,
                 "error": None,
                 "error_type": None,
                 "finished_at": now,

@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy import delete, insert, update
 from sqlalchemy.orm import Session
 
-from api_client.schema import Job, JobStatus, Sequence, Token, TopLogprob
+from api_client.determinism import output_hash
+from api_client.schema import Artifact, Job, JobStatus, Sequence, Token, TopLogprob
 
 from .backends.base import ProbeOutput
 
@@ -94,7 +95,7 @@ def _token_rows(job_id: str, output: ProbeOutput) -> tuple[list[dict], list[dict
 
 
 def _clear_rows(session: Session, job_id: str) -> None:
-    for table in (TopLogprob, Token, Sequence):
+    for table in (TopLogprob, Token, Sequence, Artifact):
         session.execute(delete(table).where(table.job_id == job_id))
 
 
@@ -104,9 +105,13 @@ def _bulk_insert(session: Session, model: type, rows: Iterable[dict[str, Any]]) 
         session.execute(insert(model), rows)
 
 
-def store_output(session: Session, job_id: str, output: ProbeOutput) -> bool:
+def store_output(session: Session, job_id: str, output: ProbeOutput, *,
+                 status: JobStatus = JobStatus.SUCCEEDED, partial: bool = False,
+                 error: str | None = None, error_type: str | None = None) -> bool:
     """Store a finished job's rows and mark it succeeded, in one transaction.
 
+    A job stopped early (cancelled, or past its time limit) stores the rows it has
+    with ``partial=True`` and ``status`` CANCELLED or FAILED and an ``error``.
     Returns False (and writes nothing) if the job is no longer running, e.g. it
     was cancelled meanwhile or another attempt already stored it.
     """
@@ -119,13 +124,16 @@ def store_output(session: Session, job_id: str, output: ProbeOutput) -> bool:
         _bulk_insert(session, Sequence, sequences)
         _bulk_insert(session, Token, tokens)
         _bulk_insert(session, TopLogprob, alternatives)
+        _bulk_insert(session, Artifact, ({"job_id": job_id, **a} for a in output.artifacts))
         values: dict[str, Any] = {
-            "status": JobStatus.SUCCEEDED,
+            "status": status,
+            "partial": partial,
             "loss": output.loss,
             "sum_logprob": output.sum_logprob,
             "num_scored_tokens": output.num_scored_tokens,
-            "error": None,
-            "error_type": None,
+            "output_hash": output_hash(output.sequences),
+            "error": error,
+            "error_type": error_type,
             "finished_at": _now(),
             **output.provenance,
         }
@@ -134,12 +142,14 @@ def store_output(session: Session, job_id: str, output: ProbeOutput) -> bool:
 
 
 def store_failure(session: Session, job_id: str, error: BaseException | str,
-                  provenance: dict[str, Any] | None = None) -> None:
+                  provenance: dict[str, Any] | None = None, *,
+                  error_type: str | None = None) -> None:
     """Mark an unfinished job failed with its error text (no traceback, no secrets)."""
     if isinstance(error, BaseException):
-        error_type, message = type(error).__name__, str(error) or type(error).__name__
+        kind, message = type(error).__name__, str(error) or type(error).__name__
     else:
-        error_type, message = "Error", error
+        kind, message = "Error", error
+    error_type = error_type or kind
     with session.begin():
         session.execute(
             update(Job)
@@ -147,3 +157,15 @@ def store_failure(session: Session, job_id: str, error: BaseException | str,
             .values(status=JobStatus.FAILED, error=message, error_type=error_type,
                     finished_at=_now(), **(provenance or {}))
         )
+
+
+def store_cancelled(session: Session, job_id: str, message: str) -> bool:
+    """Mark an unfinished job cancelled without results (it was stopped before it ran)."""
+    with session.begin():
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
+            .values(status=JobStatus.CANCELLED, error=message, error_type="Cancelled",
+                    partial=False, finished_at=_now())
+        )
+    return bool(result.rowcount)

@@ -24,7 +24,7 @@ COPIED_COLUMNS = (
     "loss", "sum_logprob", "num_scored_tokens", "model_revision", "dtype", "device",
     "device_name", "seed", "deterministic", "batch_size", "torch_version",
     "transformers_version", "openai_version", "system_fingerprint", "request_params",
-    "prompt_tokens", "completion_tokens",
+    "prompt_tokens", "completion_tokens", "output_hash",
 )
 IDENTITY_COLUMNS = ("model_revision", "dtype", "deterministic")
 

@@ -8,26 +8,36 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from api_client.artifacts import ArtifactStore
+from api_client.broker import default_job_time_limit
 from api_client.database import make_engine, make_sessionmaker
 from api_client.errors import SpecError
 from api_client.reuse import reuse_allowed, spec_hash
+from api_client.schema import JobStatus
 from api_client.settings import Settings
 from api_client.specs import parse_spec
 
+from .artifact_output import write_logits
 from .backends import get_backend
 from .backends.base import AnySpec, Backend, ProbeOutput
-from .bulk_persistence import claim_many, store_outputs
+from .bulk_persistence import store_outputs
 from .config import WorkerOptions
-from .persistence import store_failure
+from .control import CANCELLED, TIME_LIMIT, JobControl, monitoring, running_elsewhere
+from .db_retry import with_db_retry
+from .failures import cancel_message, describe_failure, release_memory, time_limit_message
+from .persistence import claim, store_cancelled, store_failure, store_output
 from .result_reuse import copy_results, find_sources
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ProcessState:
@@ -38,12 +48,28 @@ class ProcessState:
         self.options = WorkerOptions.from_env()
         self.settings = Settings.from_env()
         self._sessions: sessionmaker[Session] | None = None
+        self._redis: Any | None = None
 
     def session(self) -> Session:
         if self._sessions is None:
             engine = make_engine(self.settings.resolved_database_url())
             self._sessions = make_sessionmaker(engine)
         return self._sessions()
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        return ArtifactStore.from_settings(self.settings)
+
+    @property
+    def redis(self) -> Any:
+        """This process's Redis client (progress, cancel flags); created on first use."""
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.settings.resolved_redis_url(),
+                                               socket_timeout=5, socket_connect_timeout=5,
+                                               health_check_interval=10)
+        return self._redis
 
     def backend_options(self, name: str) -> dict[str, Any]:
         if name == "hf":
@@ -62,111 +88,151 @@ def process_state() -> ProcessState:
     return _state
 
 
+def _with_session(state: ProcessState, what: str, action: Callable[[Session], T]) -> T:
+    """Run one SQL action in a fresh session, retried while the database is unreachable."""
+
+    def attempt() -> T:
+        with state.session() as session:
+            return action(session)
+
+    return with_db_retry(attempt, what)
+
+
+def _store(state: ProcessState, what: str, action: Callable[[Session], object]) -> None:
+    _with_session(state, what, action)
+
+
+def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
+            control: JobControl) -> None:
+    """Store one job's outcome: its rows, its partial rows, or its error."""
+    if not isinstance(output, Exception) and output.logits is not None:
+        output = write_logits(output, job_id, state.artifacts)
+    if isinstance(output, Exception):
+        error_type, message = describe_failure(output, control)
+        log.info("job %s failed: %s", job_id, message)
+        # The traceback's frames hold the failed job's tensors; drop them before freeing.
+        output.__traceback__ = None
+        if error_type == "OutOfMemory":
+            release_memory()
+        _store(state, f"store the failure of job {job_id}",
+               lambda s: store_failure(s, job_id, message, error_type=error_type))
+    elif control.stop_reason == CANCELLED:
+        _store(state, f"store cancelled job {job_id}",
+               lambda s: store_output(s, job_id, output, status=JobStatus.CANCELLED,
+                                      partial=True, error=cancel_message(control),
+                                      error_type="Cancelled"))
+    elif control.stop_reason == TIME_LIMIT:
+        _store(state, f"store timed-out job {job_id}",
+               lambda s: store_output(s, job_id, output, status=JobStatus.FAILED,
+                                      partial=True,
+                                      error=time_limit_message(control.time_limit, control),
+                                      error_type="TimeLimitExceeded"))
+    else:
+        _store(state, f"store the result of job {job_id}",
+               lambda s: store_output(s, job_id, output))
+
+
 def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
-    """Claim a message's jobs together, answer what can be reused from SQL, run the
-    rest through their backend in one batch per backend, store each batch at once."""
+    """Claim each job, run the claimed ones on their backend, store every outcome.
+
+    ``items`` are ``{"id", "spec", "time_limit"?}``; a job whose cancel flag is set
+    when it is claimed is cancelled without running.
+    """
     state = process_state()
-    items = list(items)
-    with state.session() as session:
-        claimed_ids = set(claim_many(session, [item["id"] for item in items], worker_name,
-                                     state.options.max_attempts))
-    skipped = len(items) - len(claimed_ids)
-    if skipped:
-        log.info("%d job(s) finished or given up already; skipping", skipped)
-    claimed: dict[str, list[tuple[str, AnySpec]]] = defaultdict(list)
+    claimed: dict[str, list[tuple[str, AnySpec, JobControl]]] = defaultdict(list)
     for item in items:
         job_id = item["id"]
-        if job_id not in claimed_ids:
+        owner = running_elsewhere(state.redis, job_id)
+        if owner is not None:  # a redelivered message; its result will be stored once
+            log.info("job %s is running in %s; not running it twice", job_id, owner)
+            continue
+        if not _with_session(state, f"claim job {job_id}",
+                             lambda s, job_id=job_id: claim(s, job_id, worker_name,
+                                                            state.options.max_attempts)):
+            log.info("job %s is finished or given up; skipping", job_id)
+            continue
+        control = JobControl(job_id, time_limit=float(item.get("time_limit")
+                                                      or default_job_time_limit()),
+                             redis=state.redis, worker=worker_name)
+        if control.cancel_requested():
+            _store(state, f"cancel job {job_id}",
+                   lambda s, job_id=job_id: store_cancelled(s, job_id,
+                                                            "cancelled before it started"))
             continue
         try:
             spec = parse_spec(item["spec"])
         except SpecError as exc:
-            with state.session() as session:
-                store_failure(session, job_id, exc)
+            _store(state, f"store the failure of job {job_id}",
+                   lambda s, job_id=job_id, exc=exc: store_failure(s, job_id, exc))
             continue
-        claimed[spec.backend].append((job_id, spec))
+        claimed[spec.backend].append((job_id, spec, control))
 
     for backend_name, jobs in claimed.items():
+        outputs: list[ProbeOutput | Exception]
+        duplicates: dict[str, str] = {}
         try:
             backend = get_backend(backend_name, **state.backend_options(backend_name))
-        except Exception as exc:
-            log.exception("backend %s failed to start", backend_name)
-            for job_id, _ in jobs:
-                with state.session() as session:
-                    store_failure(session, job_id, exc)
-            continue
-        run_batch(state, backend, jobs)
+            jobs, duplicates = _reuse(state, backend, jobs)
+        except Exception:  # reuse is an optimisation: on any trouble, just run the jobs
+            log.exception("result reuse failed; running the jobs")
+        with monitoring([(spec, control) for _, spec, control in jobs]):
+            try:
+                backend = get_backend(backend_name, **state.backend_options(backend_name))
+                outputs = backend.run([spec for _, spec, _ in jobs])
+            except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
+                log.exception("backend %s failed", backend_name)
+                outputs = [exc] * len(jobs)
+        returned = time.monotonic()
+        # Plain successes in one bulk transaction; failures, stopped and logits jobs alone.
+        plain = [(job_id, output) for (job_id, _, control), output in zip(jobs, outputs,
+                                                                          strict=True)
+                 if not isinstance(output, Exception) and control.stop_reason is None
+                 and output.logits is None and not output.artifacts]
+        stored = _store_batch(state, plain,
+                              {job_id: {"spec_hash": spec_hash(spec)} for job_id, spec, _ in jobs})
+        for (job_id, _, control), output in zip(jobs, outputs, strict=True):
+            if job_id in stored:
+                continue
+            _finish(state, job_id, output, control)
+        if duplicates:
+            _finish_duplicates(state, duplicates)
+            if control.stopped_at is not None:
+                log.info("job %s stopped (%s) at %d/%s %s; results ready %.0f ms and stored "
+                         "%.0f ms later", job_id, control.stop_reason, control.done,
+                         control.total, control.unit, 1000 * (returned - control.stopped_at),
+                         1000 * (time.monotonic() - control.stopped_at))
 
 
-def run_batch(state: ProcessState, backend: Backend, jobs: list[tuple[str, AnySpec]]) -> None:
-    hashes = {job_id: spec_hash(spec) for job_id, spec in jobs}
-    # Identical probes: answered from an earlier job, or from the first of this batch.
-    reusable = [(job_id, spec) for job_id, spec in jobs if reuse_allowed(spec)]
+def _reuse(state: ProcessState, backend: Backend, jobs: list[tuple[str, AnySpec, JobControl]]
+           ) -> tuple[list[tuple[str, AnySpec, JobControl]], dict[str, str]]:
+    """Answer jobs identical to finished ones from SQL; of identical jobs within this
+    batch keep the first. Returns the jobs left to run and ``{duplicate: first}``."""
+    candidates = [(job_id, spec) for job_id, spec, _ in jobs
+                  if reuse_allowed(spec) and not getattr(spec, "return_logits", False)
+                  and getattr(spec, "embedding", None) is None]  # artifacts are not copied
+    if not candidates:
+        return jobs, {}
+    identities = _identities(backend, candidates)
+    hashes = {job_id: spec_hash(spec) for job_id, spec in candidates}
+    wanted = [(job_id, hashes[job_id], identities[job_id]) for job_id, _ in candidates
+              if identities[job_id] is not None]
+    sources = _with_session(state, "find reusable results",
+                            lambda s: find_sources(s, wanted))  # type: ignore[arg-type]
+    copied: set[str] = set()
+    if sources:
+        copied = set(_with_session(state, "copy reused results",
+                                   lambda s: copy_results(s, sources)))
+    first: dict[str, str] = {}
     duplicates: dict[str, str] = {}
-    if reusable:
-        identities = _identities(backend, reusable)
-        with state.session() as session:
-            sources = find_sources(session, [(job_id, hashes[job_id], identities[job_id])
-                                             for job_id, _ in reusable
-                                             if identities[job_id] is not None])
-        if sources:
-            with state.session() as session:
-                copied = set(copy_results(session, sources))
-            jobs = [(job_id, spec) for job_id, spec in jobs if job_id not in copied]
-        first: dict[str, str] = {}
-        for job_id, spec in jobs:
-            if reuse_allowed(spec) and identities.get(job_id) is not None:
-                key = hashes[job_id]
-                if key in first:
-                    duplicates[job_id] = first[key]
-                else:
-                    first[key] = job_id
-        jobs = [(job_id, spec) for job_id, spec in jobs if job_id not in duplicates]
-    try:
-        outputs = backend.run([spec for _, spec in jobs])
-    except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
-        log.exception("backend %s failed", backend.name)
-        outputs = [exc] * len(jobs)
-    done: list[tuple[str, ProbeOutput]] = []
-    for (job_id, _), output in zip(jobs, outputs, strict=True):
-        if isinstance(output, Exception):
-            with state.session() as session:
-                store_failure(session, job_id, output)
+    for job_id, _ in candidates:
+        if job_id in copied or identities[job_id] is None:
+            continue
+        if hashes[job_id] in first:
+            duplicates[job_id] = first[hashes[job_id]]
         else:
-            done.append((job_id, output))
-    _store(state, done, {job_id: {"spec_hash": hashes[job_id]} for job_id, _ in done})
-    if duplicates:
-        failed = {job_id for (job_id, _), out in zip(jobs, outputs, strict=True)
-                  if isinstance(out, Exception)}
-        with state.session() as session:
-            copy_results(session, {d: s for d, s in duplicates.items() if s not in failed})
-        for dup, source in duplicates.items():
-            if source in failed:
-                with state.session() as session:
-                    store_failure(session, dup, f"an identical job in the same batch "
-                                                f"({source}) failed; see its error")
-
-
-def _store(state: ProcessState, done: list[tuple[str, ProbeOutput]],
-           extra: dict[str, dict[str, Any]]) -> None:
-    """Store a batch in one transaction; if that fails, job by job, so one job whose
-    rows the database refuses fails alone (with the reason) instead of the batch
-    staying 'running'."""
-    try:
-        with state.session() as session:
-            store_outputs(session, done, extra)
-        return
-    except Exception:
-        log.exception("storing a batch of %d failed; storing job by job", len(done))
-    for item in done:
-        try:
-            with state.session() as session:
-                store_outputs(session, [item], extra)
-        except Exception as exc:
-            log.exception("storing job %s failed", item[0])
-            with state.session() as session:
-                store_failure(session, item[0], f"the worker could not store this job's "
-                                                f"result: {type(exc).__name__}: {exc}")
+            first[hashes[job_id]] = job_id
+    left = [job for job in jobs if job[0] not in copied and job[0] not in duplicates]
+    return left, duplicates
 
 
 def _identities(backend: Backend,
@@ -176,7 +242,7 @@ def _identities(backend: Backend,
     result: dict[str, dict[str, Any] | None] = {}
     for job_id, spec in jobs:
         key = (spec.model, getattr(spec, "revision", None), getattr(spec, "dtype", None),
-               getattr(spec, "device", None))
+               getattr(spec, "device", None), getattr(spec, "device_map", None))
         if key not in by_model:
             try:
                 by_model[key] = backend.identity(spec)
@@ -184,3 +250,40 @@ def _identities(backend: Backend,
                 by_model[key] = None
         result[job_id] = by_model[key]
     return result
+
+
+def _finish_duplicates(state: ProcessState, duplicates: dict[str, str]) -> None:
+    """Give each in-batch duplicate its first twin's rows (or its failure)."""
+    copied = set(_with_session(state, "copy results to identical jobs",
+                               lambda s: copy_results(s, duplicates)))
+    for job_id, source in duplicates.items():
+        if job_id not in copied:
+            _store(state, f"fail duplicate job {job_id}",
+                   lambda s, job_id=job_id, source=source: store_failure(
+                       s, job_id, f"an identical job in the same batch ({source}) did not "
+                       "succeed; see its error"))
+
+
+def _store_batch(state: ProcessState, done: list[tuple[str, ProbeOutput]],
+                 extra: dict[str, dict[str, Any]]) -> set[str]:
+    """Store a batch of plain successes in one transaction; returns the ids it handled.
+    If the batch fails, returns none of them: each is then stored alone by ``_finish``."""
+    if not done:
+        return set()
+    try:
+        _with_session(state, f"store a batch of {len(done)} results",
+                      lambda s: store_outputs(s, done, extra))
+    except Exception:
+        log.exception("storing a batch of %d failed; storing job by job", len(done))
+        return set()
+    return {job_id for job_id, _ in done}
+
+
+def fail_unfinished(items: Iterable[dict[str, Any]]) -> None:
+    """Fail the still-unfinished jobs of a task Celery stopped (hard/soft time limit)."""
+    state = process_state()
+    for item in items:
+        limit = float(item.get("time_limit") or default_job_time_limit())
+        _store(state, f"fail job {item['id']}",
+               lambda s, job_id=item["id"], limit=limit: store_failure(
+                   s, job_id, time_limit_message(limit), error_type="TimeLimitExceeded"))

@@ -28,6 +28,10 @@ class ProbeOutput:
     ``provenance``: values for the job row's provenance columns (model_revision,
     dtype, device, device_name, seed, deterministic, batch_size, *_version,
     system_fingerprint, request_params, prompt_tokens, completion_tokens).
+    ``logits``: the full-logits array (numpy) when the spec asked for it; the runner
+    writes it to the artifact store and moves its reference into ``artifacts``.
+    ``artifacts``: rows for the ``artifacts`` table (name, uri, sha256, shape, dtype,
+    num_bytes), e.g. the verified uploaded input embedding.
     """
 
     sequences: list[SequenceResult]
@@ -35,6 +39,8 @@ class ProbeOutput:
     sum_logprob: float | None = None
     num_scored_tokens: int | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    logits: Any | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Backend(ABC):

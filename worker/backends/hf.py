@@ -23,6 +23,7 @@ from .base import AnySpec, Backend, ProbeOutput
 from .hf_generate import generate
 from .hf_models import ModelCache, auto_device
 from .hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score, score_batch
+from .hf_tensor_score import score_tensors
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,15 @@ class HFBackend(Backend):
         outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
         score_groups: dict[tuple[Any, ...], list[int]] = {}
         for index, spec in enumerate(specs):
-            if isinstance(spec, ScoreSpec) and self.batch_budget.tokens > 0:
-                key = (spec.model, spec.revision, spec.dtype, spec.device)
+            if (isinstance(spec, ScoreSpec) and self.batch_budget.tokens > 0
+                    and spec.embedding is None and not spec.return_logits):
+                key = (spec.model, spec.revision, spec.dtype, spec.device, spec.device_map)
                 score_groups.setdefault(key, []).append(index)
         for indices in score_groups.values():
             group = [specs[i] for i in indices]
             try:
                 lm = self.models.get(group[0].model, group[0].revision, group[0].dtype,
-                                     group[0].device)
+                                     group[0].device, device_map=group[0].device_map)
                 results = score_batch(lm, group, self.batch_budget)  # type: ignore[arg-type]
             except Exception as exc:  # e.g. the model does not load: fail the group
                 log.info("jobs failed: %s: %s", type(exc).__name__, exc)
@@ -79,13 +81,17 @@ class HFBackend(Backend):
 
     def identity(self, spec: AnySpec) -> dict[str, Any] | None:
         """What besides the spec decides the result: resolved revision, dtype, determinism."""
-        lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device)
+        lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device,
+                             device_map=spec.device_map)
         return {"model_revision": lm.revision, "dtype": lm.dtype,
                 "deterministic": torch.are_deterministic_algorithms_enabled()}
 
     def run_one(self, spec: AnySpec) -> ProbeOutput:
-        lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device)
+        lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device,
+                             device_map=spec.device_map)
         if isinstance(spec, ScoreSpec):
+            if spec.embedding is not None or spec.return_logits:
+                return score_tensors(lm, spec)
             return score(lm, spec)
         return generate(lm, spec)
 

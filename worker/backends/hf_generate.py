@@ -12,9 +12,13 @@ from api_client.errors import ProbeInputError
 from api_client.results import SequenceResult, TokenLogprob
 from api_client.specs import GenerateSpec
 
+from ..control import control_for
 from .base import ProbeOutput
 from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
+from .hf_embeddings import build_embedding
+from .hf_logits import check_logits_rows, forward_logits, logits_array, position_tokens
 from .hf_models import LoadedModel
+from .hf_stopping import job_stopping_criteria
 
 
 def pick_seed() -> int:
@@ -36,6 +40,7 @@ def generation_config(lm: LoadedModel, spec: GenerateSpec) -> GenerationConfig:
         else eos,
         "bos_token_id": lm.bos_token_id,
         "output_scores": True,
+        "output_logits": spec.return_logits,
         "return_dict_in_generate": True,
     }
     if spec.do_sample:
@@ -48,41 +53,70 @@ def generation_config(lm: LoadedModel, spec: GenerateSpec) -> GenerationConfig:
 
 
 def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
-    prompt_ids = lm.tokenizer(spec.prompt)["input_ids"]
-    if not prompt_ids:
-        raise ProbeInputError("the prompt encodes to no tokens; pass a non-empty prompt")
-    check_ids(lm, prompt_ids, "the prompt", extra=spec.max_new_tokens)
+    artifacts: list[dict[str, Any]] = []
+    if spec.embedding is not None:  # inputs_embeds: generate() returns only new tokens
+        built = build_embedding(lm, spec.embedding, "generate", spec.max_new_tokens)
+        artifacts = built.artifacts
+        n_prompt, offset = built.length, 0
+        targets: list[int | None] = list(built.ids) if built.ids else [None] * n_prompt
+        prompt_tokens = tuple(position_tokens(
+            lm, forward_logits(lm, inputs_embeds=built.embeds), targets, spec.top_logprobs))
+        model_inputs = {"inputs_embeds": built.embeds,
+                        "attention_mask": torch.ones(built.embeds.shape[:2], dtype=torch.long,
+                                                     device=lm.device)}
+    else:
+        assert spec.prompt is not None
+        prompt_ids = lm.tokenizer(spec.prompt)["input_ids"]
+        if not prompt_ids:
+            raise ProbeInputError("the prompt encodes to no tokens; pass a non-empty prompt")
+        check_ids(lm, prompt_ids, "the prompt", extra=spec.max_new_tokens)
+        prompt_tokens = tuple(text_logprobs(lm, prompt_ids, spec.top_logprobs))
+        input_ids = torch.tensor([prompt_ids], device=lm.device)
+        model_inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        n_prompt = offset = len(prompt_ids)
+    if spec.return_logits:
+        steps = min(spec.max_new_tokens, spec.logits_last_n or spec.max_new_tokens)
+        check_logits_rows(lm, spec, steps * spec.num_return_sequences, exact=False)
     seed = (spec.seed if spec.seed is not None else pick_seed()) if spec.do_sample else None
-    prompt_tokens = tuple(text_logprobs(lm, prompt_ids, spec.top_logprobs))
 
-    input_ids = torch.tensor([prompt_ids], device=lm.device)
     config = generation_config(lm, spec)
+    control = control_for(spec)  # progress, cancel flag, time limit of the running job
+    criteria = job_stopping_criteria(control, offset, spec.max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
-        out = lm.model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
-        )
-        scores = tuple(s.float() for s in out.scores)
-        transition = lm.model.compute_transition_scores(
-            out.sequences, scores, normalize_logits=True
-        )
-        step_logprobs = [torch.log_softmax(s, dim=-1) for s in scores]
+        out = lm.model.generate(**model_inputs, generation_config=config,
+                                stopping_criteria=criteria)
+        # = compute_transition_scores(sequences, scores, normalize_logits=True) (no beams),
+        # as score[token] - logsumexp(score), one step at a time: no [steps, vocab]
+        # copies of the scores (2 GB each for 10,000 steps of GPT-2), which transformers'
+        # version makes and normalizes along a strided axis (seconds per few hundred steps).
+        # In float64, so that the float32 scores' logprobs are exact to the last bit.
+        scores = out.scores  # one [sequences, vocab] tensor per step
+        chosen = out.sequences[:, out.sequences.shape[1] - len(scores):]
+        log_norm = torch.stack([torch.logsumexp(s.double(), dim=-1) for s in scores], dim=1)
+        picked = torch.stack([s.double().gather(1, chosen[:, t, None])[:, 0]
+                              for t, s in enumerate(scores)], dim=1)
+        transition = picked - log_norm  # [sequences, steps]
 
-    n_prompt = len(prompt_ids)
     eos = lm.eos_token_id
     sequences = []
     for r in range(out.sequences.shape[0]):
-        generated = out.sequences[r, n_prompt:].tolist()
+        generated = out.sequences[r, offset:].tolist()
         finish = "length"
         if eos is not None and eos in generated:
             generated = generated[: generated.index(eos) + 1]
             finish = "stop"
+        elif control is not None and control.stop_reason is not None:
+            finish = control.stop_reason  # "cancelled" or "time_limit": a partial result
         steps = len(generated)
         logprobs = transition[r, :steps].tolist()
-        step_alternatives = top_alternatives(
-            lm, torch.stack([step_logprobs[t][r] for t in range(steps)]), spec.top_logprobs
-        ) if steps else []
+        step_logprobs = (
+            torch.stack([(scores[t][r].double() - log_norm[r, t]).float()
+                         for t in range(steps)])
+            if spec.top_logprobs and steps else torch.empty(steps, 0)
+        )
+        step_alternatives = top_alternatives(lm, step_logprobs, spec.top_logprobs)
         texts = decode_each(lm, generated)
         tokens = tuple(
             TokenLogprob(
@@ -104,7 +138,12 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
                 finish_reason=finish,
             )
         )
+    logits = None
+    if spec.return_logits:  # raw logits of each step: [sequences, steps, vocab]
+        logits = logits_array(torch.stack([s.float() for s in out.logits], dim=1), spec)
     return ProbeOutput(
         sequences=sequences,
         provenance={**lm.provenance(), "seed": seed, "batch_size": 1},
+        logits=logits,
+        artifacts=artifacts,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib.metadata
 import logging
 import os
 import platform
@@ -48,12 +49,30 @@ def normalize_device(device: str | None) -> str:
     return "cuda:0" if device == "cuda" else device
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
-    return platform.processor() or platform.machine() or "cpu"
+    return _cpu_name()
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def directory_revision(path: Path) -> str:
@@ -80,6 +99,9 @@ class LoadedModel:
     dtype: str
     context_length: int | None
     vocab_size: int
+    #: Where the weights are when they span devices (device_map="auto"), e.g.
+    #: "auto:cuda:0+cuda:1"; None when the whole model is on ``device``.
+    placement: str | None = None
 
     @property
     def bos_token_id(self) -> int | None:
@@ -105,10 +127,11 @@ class LoadedModel:
         return {
             "model_revision": self.revision,
             "dtype": self.dtype,
-            "device": str(self.device),
+            "device": (self.placement or str(self.device))[:32],
             "device_name": device_name(self.device),
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
+            "openai_version": _package_version("openai"),
             "deterministic": torch.are_deterministic_algorithms_enabled(),
         }
 
@@ -118,24 +141,41 @@ def _hf_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
-def load_model(name: str, revision: str | None, dtype: str | None, device: str) -> LoadedModel:
+def _without_token(text: str) -> str:
+    """``text`` with the Hugging Face token (if any) blanked out: it is never stored."""
+    token = _hf_token()
+    return text.replace(token, "***") if token else text
+
+
+def load_model(name: str, revision: str | None, dtype: str | None, device: str,
+               device_map: str | None = None) -> LoadedModel:
     torch_dtype = _DTYPES.get(dtype or "float32", "auto")
     local_dir = Path(name).expanduser()
     source = str(local_dir) if local_dir.is_dir() else name
+    placement_options: dict[str, Any] = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, token=_hf_token())
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=torch_dtype, token=_hf_token()
+            source, revision=revision, dtype=torch_dtype, token=_hf_token(), **placement_options
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, ImportError) as exc:
         raise ModelLoadError(
             f"could not load model {name!r}"
             + (f" at revision {revision!r}" if revision else "")
-            + f": {exc}. Pass a hub name this worker can download or a local model "
-            "directory that `AutoModelForCausalLM.from_pretrained` accepts"
+            + f": {_without_token(str(exc))}. Pass a hub name this worker can download or a "
+            "local model directory that `AutoModelForCausalLM.from_pretrained` accepts"
         ) from None
-    target = torch.device(device)
-    model.to(target)
+    placement = None
+    if device_map:
+        # accelerate placed the layers; inputs go where the embeddings are.
+        target = model.get_input_embeddings().weight.device
+        devices = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
+        placement = f"{device_map}:" + "+".join(
+            f"cuda:{d}" if d.isdigit() else d for d in devices or [str(target)]
+        )
+    else:
+        target = torch.device(device)
+        model.to(target)
     model.eval()
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(
@@ -153,6 +193,7 @@ def load_model(name: str, revision: str | None, dtype: str | None, device: str) 
         dtype=str(model.dtype).removeprefix("torch."),
         context_length=int(context) if context else None,
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        placement=placement,
     )
 
 
@@ -166,22 +207,23 @@ class ModelCache:
         self._models: OrderedDict[tuple[str, str | None, str, str], LoadedModel] = OrderedDict()
 
     def get(self, name: str, revision: str | None, dtype: str | None,
-            device: str | None) -> LoadedModel:
-        key = (name, revision, dtype or "float32", normalize_device(device))
+            device: str | None, *, device_map: str | None = None) -> LoadedModel:
+        key = (name, revision, dtype or "float32",
+               f"map:{device_map}" if device_map else normalize_device(device))
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
         while len(self._models) >= self.max_models:
             self._evict_oldest()
         log.info("loading model %s (revision=%s, dtype=%s, device=%s)", *key)
-        loaded = load_model(name, revision, dtype, key[3])
+        loaded = load_model(name, revision, dtype, key[3], device_map=device_map)
         self._models[key] = loaded
         return loaded
 
     def _evict_oldest(self) -> None:
         key, loaded = self._models.popitem(last=False)
         log.info("evicting model %s to make room", key[0])
-        on_cuda = loaded.device.type == "cuda"
+        on_cuda = loaded.device.type == "cuda" or bool(loaded.placement)
         del loaded
         gc.collect()
         if on_cuda:

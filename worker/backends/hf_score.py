@@ -15,6 +15,7 @@ from api_client.errors import ProbeInputError
 from api_client.results import SequenceResult, TokenLogprob
 from api_client.specs import ScoreSpec
 
+from ..control import control_for
 from .base import ProbeOutput
 from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
 from .hf_models import LoadedModel
@@ -45,7 +46,12 @@ def score_ids(lm: LoadedModel, spec: ScoreSpec) -> list[int]:
 def score(lm: LoadedModel, spec: ScoreSpec) -> ProbeOutput:
     ids = score_ids(lm, spec)
     check_ids(lm, ids, "the scored text")
+    control = control_for(spec)
+    if control is not None:
+        control.begin(len(ids), "tokens")
     tokens = text_logprobs(lm, ids, spec.top_logprobs)
+    if control is not None:
+        control.advance(len(ids))
     scored = [t.logprob for t in tokens[1:]]
     total = float(torch.tensor(scored, dtype=torch.float64).sum())
     return ProbeOutput(
@@ -190,9 +196,16 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
         items = [prepared[i] for i in batch_indices]
 
         def forward(part: list[tuple[int, list[int]]]) -> list[ProbeOutput]:
+            controls = [(control_for(specs[i]), len(ids)) for i, ids in part]
+            for control, n in controls:
+                if control is not None:
+                    control.begin(n, "tokens")
             rows = batch_token_logprobs(
                 lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part]
             )
+            for control, n in controls:
+                if control is not None:
+                    control.advance(n)
             return [
                 _score_output(lm, specs[i], ids, token_lp, logprobs, provenance, len(part))
                 for (i, ids), (token_lp, logprobs) in zip(part, rows, strict=True)

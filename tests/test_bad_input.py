@@ -1,0 +1,84 @@
+"""Bad input: refused at submit where possible, otherwise a failed job with its error in
+SQL, and the worker goes on serving the next job."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from api_client import JobFailed, JobStatus, SpecError
+from api_client.constants import TASK_RUN_PROBES
+from api_client.schema import Job
+
+TEXT = "Finn writes code"
+
+
+def assert_still_serving(client, model: str) -> None:
+    res = client.score(TEXT, model=model).result(timeout=120)
+    assert res.loss is not None and res.loss > 0
+
+
+def failed_error(job) -> str:
+    with pytest.raises(JobFailed) as info:
+        job.result(timeout=120)
+    row = job.info()
+    assert row["status"] is JobStatus.FAILED
+    assert row["error"] == info.value.error
+    assert row["finished_at"] is not None
+    return info.value.error
+
+
+def test_unknown_model_fails_the_job_not_the_worker(client, hf_worker, tiny_gpt2) -> None:
+    error = failed_error(client.score(TEXT, model="no-such-org/no-such-model-xyz"))
+    assert "could not load model 'no-such-org/no-such-model-xyz'" in error
+    assert hf_worker.alive()
+    assert_still_serving(client, tiny_gpt2)
+
+
+def test_over_long_input_fails_with_context_message(client, hf_worker, tiny_gpt2) -> None:
+    long_text = "word " * 200  # 200 tokens > the tiny model's 128-token context
+    error = failed_error(client.score(long_text, model=tiny_gpt2))
+    assert "more than the 128-token context" in error
+    assert "shorten the input" in error
+    error = failed_error(client.generate(TEXT, model=tiny_gpt2, max_new_tokens=126))
+    assert "max_new_tokens 126" in error and "lower max_new_tokens" in error
+    assert_still_serving(client, tiny_gpt2)
+
+
+def test_token_id_outside_vocabulary(client, tiny_gpt2) -> None:
+    error = failed_error(client.score(model=tiny_gpt2, token_ids=[10, 999_999]))
+    assert "token id 999999, outside the vocabulary" in error
+
+
+def test_malformed_spec_in_a_message_fails_in_the_worker(client, hf_worker, tiny_gpt2) -> None:
+    # A message that bypassed the client's validation (another producer, an old client).
+    job_id = uuid.uuid4().hex
+    bad_spec = {"kind": "score", "model": tiny_gpt2, "text": TEXT, "top_logprobs": 99}
+    with client.session() as session, session.begin():
+        session.add(Job(id=job_id, kind="score", backend="hf", model=tiny_gpt2,
+                        status=JobStatus.QUEUED, spec=bad_spec, queue=hf_worker.queue,
+                        created_at=datetime.now(timezone.utc)))
+    client.celery.send_task(TASK_RUN_PROBES, args=[{"jobs": [{"id": job_id, "spec": bad_spec}]}],
+                            queue=hf_worker.queue)
+    # A message for a job that SQL does not know is dropped.
+    client.celery.send_task(TASK_RUN_PROBES, args=[{"jobs": [{"id": "missing", "spec": {}}]}],
+                            queue=hf_worker.queue)
+    error = failed_error(client.job(job_id))
+    assert "top_logprobs" in error and "less than or equal to 20" in error
+    assert_still_serving(client, tiny_gpt2)
+
+
+def test_invalid_spec_is_refused_at_submit_and_writes_nothing(client) -> None:
+    before = client.sql("SELECT COUNT(*) AS n FROM jobs").iloc[0]["n"]
+    with pytest.raises(SpecError, match="top_logprobs"):
+        client.score(TEXT, model="gpt2", top_logprobs=50)
+    with pytest.raises(SpecError, match="does not exist"):
+        client.score(TEXT, model="/no/such/model/dir")
+    with pytest.raises(SpecError, match="do_sample=True"):
+        client.generate(TEXT, model="gpt2", seed=3)
+    with pytest.raises(SpecError, match="prompt"):
+        client.submit_many([{"kind": "generate", "model": "gpt2", "prompt": "ok"},
+                            {"kind": "generate", "model": "gpt2"}])
+    assert client.sql("SELECT COUNT(*) AS n FROM jobs").iloc[0]["n"] == before

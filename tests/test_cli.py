@@ -1,0 +1,82 @@
+"""The `logprobe` command line against a real worker, Redis and database."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import subprocess
+
+from tests.helpers import logprobe_command, subprocess_env
+
+TEXT = " to make it easier to"
+
+
+def run_cli(worker, *args: str) -> str:
+    out = subprocess.run(
+        logprobe_command("--redis-url", worker.redis_url, "--database-url", worker.database_url,
+                         *args),
+        capture_output=True, text=True, env=subprocess_env(), timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_db_upgrade_creates_the_schema(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    subprocess.run(logprobe_command("--database-url", url, "db", "upgrade"), check=True,
+                   env=subprocess_env(), capture_output=True)
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "fresh.db") as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"jobs", "tokens", "top_logprobs", "sequences", "alembic_version"} <= tables
+
+
+def test_submit_status_show_sql(hf_worker, client, tiny_gpt2) -> None:
+    out = run_cli(hf_worker, "submit", "score", TEXT, "--model", tiny_gpt2, "--queue",
+                  hf_worker.queue, "--top-logprobs", "2", "--wait", "120")
+    job_id = out.splitlines()[0].strip()
+    result = client.job(job_id).result(timeout=1)
+    assert f"loss {result.loss:.6f}" in out
+
+    status = run_cli(hf_worker, "status", job_id)
+    assert "succeeded" in status and tiny_gpt2 in status
+
+    table = run_cli(hf_worker, "show", job_id).splitlines()
+    assert table[0] == f"loss {result.loss:.6f}"
+    assert table[1].split()[:5] == ["position", "token_id", "token", "logprob", "prob"]
+    assert len(table) == 2 + len(result.tokens)
+
+    shown = list(csv.DictReader(io.StringIO(run_cli(hf_worker, "show", job_id,
+                                                        "--format", "csv"))))
+    assert [int(r["token_id"]) for r in shown] == [284, 787, 340, 4577, 284]
+    assert [r["token"] for r in shown] == [repr(t.token) for t in result.tokens]
+    assert shown[0]["logprob"] == ""
+    for row, token in zip(shown[1:], result.tokens[1:], strict=True):
+        assert float(row["logprob"]) == token.logprob
+        assert math.isclose(float(row["prob"]), math.exp(token.logprob), rel_tol=1e-12)
+        assert len(row["top"].split(", ")) == 2
+
+    csv_out = run_cli(hf_worker, "sql", f"SELECT position, token_id, logprob FROM tokens "
+                      f"WHERE job_id = '{job_id}' ORDER BY position", "--format", "csv")
+    records = list(csv.DictReader(io.StringIO(csv_out)))
+    assert [int(r["token_id"]) for r in records] == [284, 787, 340, 4577, 284]
+    assert float(records[2]["logprob"]) == result.tokens[2].logprob
+
+
+def test_submit_generate_and_bad_spec(hf_worker, client, tiny_gpt2) -> None:
+    out = run_cli(hf_worker, "submit", "generate", "Finn writes code", "--model", tiny_gpt2,
+                  "--queue", hf_worker.queue, "--max-new-tokens", "5", "--wait", "120")
+    job_id = out.splitlines()[0].strip()
+    result = client.job(job_id).result(timeout=1)
+    assert f"sequence 0: {result.sequences[0].text!r}" in out
+
+    bad = subprocess.run(
+        logprobe_command("--redis-url", hf_worker.redis_url, "--database-url",
+                         hf_worker.database_url, "submit", "generate", "x", "--model", tiny_gpt2,
+                         "--seed", "4"),
+        capture_output=True, text=True, env=subprocess_env(), timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "seed only apply when sampling; set do_sample=True" in bad.stderr

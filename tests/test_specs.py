@@ -1,0 +1,74 @@
+"""Spec validation: bad input is refused at submit with a message naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from api_client import GenerateSpec, ScoreSpec, SpecError, parse_spec
+from api_client.specs import make_spec
+
+
+def refused(kind: str, **fields: object) -> str:
+    with pytest.raises(SpecError) as info:
+        make_spec(kind, **fields)
+    return str(info.value)
+
+
+def test_valid_specs_round_trip_as_json() -> None:
+    score = make_spec("score", text="Finn writes code", model="gpt2", top_logprobs=5)
+    assert isinstance(score, ScoreSpec)
+    assert parse_spec(score.model_dump(mode="json")) == score
+    gen = make_spec("generate", prompt="Finn", model="gpt2", do_sample=True, temperature=0.7,
+                    top_k=50, top_p=0.9, seed=3, num_return_sequences=2, top_logprobs=20)
+    assert isinstance(gen, GenerateSpec)
+    assert parse_spec(gen.model_dump(mode="json")) == gen
+    assert gen.model_dump(mode="json")["kind"] == "generate"
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "expected"),
+    [
+        ("score", {"model": "gpt2"}, "give exactly one of text and token_ids"),
+        ("score", {"model": "gpt2", "text": "a", "token_ids": [1, 2]}, "exactly one"),
+        ("score", {"model": "gpt2", "text": "a", "top_logprobs": 21}, "top_logprobs"),
+        ("score", {"model": "gpt2", "text": "a", "top_logprobs": -1}, "top_logprobs"),
+        ("score", {"model": "gpt2", "token_ids": [5]}, "prepend_bos=True"),
+        ("score", {"model": "gpt2", "token_ids": [1, -3]}, "token_ids.1"),
+        ("score", {"model": "", "text": "a"}, "model"),
+        ("score", {"model": "gpt2", "text": "a", "device": "gpu"}, "device"),
+        ("score", {"model": "gpt2", "text": "a", "dtype": "int8"}, "dtype"),
+        ("score", {"model": "gpt2", "text": "a", "colour": "red"}, "colour"),
+        ("score", {"model": "./no/such/dir", "text": "a"}, "does not exist"),
+        ("generate", {"model": "gpt2", "prompt": "a", "max_new_tokens": 0}, "max_new_tokens"),
+        ("generate", {"model": "gpt2", "prompt": "a", "temperature": 0.5},
+         "temperature only apply when sampling"),
+        ("generate", {"model": "gpt2", "prompt": "a", "seed": 1}, "do_sample=True"),
+        ("generate", {"model": "gpt2", "prompt": "a", "num_return_sequences": 3},
+         "num_return_sequences > 1 needs do_sample=True"),
+        ("generate", {"model": "gpt2", "prompt": "a", "do_sample": True, "temperature": 0},
+         "temperature"),
+        ("generate", {"model": "gpt2", "prompt": "a", "do_sample": True, "top_p": 1.5}, "top_p"),
+        ("generate", {"model": "gpt2", "prompt": ""}, "prompt"),
+        ("generate", {"model": "gpt2", "prompt": "a", "backend": "vllm"}, "backend"),
+    ],
+)
+def test_invalid_specs_name_the_field(kind: str, fields: dict, expected: str) -> None:
+    message = refused(kind, **fields)
+    assert message.startswith("invalid probe spec: ")
+    assert expected in message
+
+
+def test_unknown_kind_is_refused() -> None:
+    with pytest.raises(SpecError, match="kind"):
+        parse_spec({"kind": "embed", "model": "gpt2"})
+
+
+def test_client_side_imports_no_heavy_packages() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, api_client, api_client.cli, api_client.client; "
+            "bad = [m for m in ('torch', 'transformers', 'openai', 'worker') if m in sys.modules]; "
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -1,0 +1,203 @@
+"""Live control of a running job: progress reports, the cancel flag, the time limit.
+
+The runner gives each running job a :class:`JobControl`. A backend asks for the
+control of the spec it is running (:func:`control_for`), calls :meth:`begin` /
+:meth:`advance` as it makes progress, and :meth:`should_stop` once per decoding
+step. That call only reads an event and the clock: a background thread does the
+Redis work (polling the cancel flag every few milliseconds, writing progress a few
+times a second), so checking costs the decoding loop nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from api_client.constants import LIVE_KEY_TTL, cancel_key, progress_key
+
+log = logging.getLogger(__name__)
+
+#: How often the monitor thread looks at the cancel flag (seconds).
+CANCEL_POLL_INTERVAL = float(os.environ.get("LOGPROBE_CANCEL_POLL_SECONDS", "0.02"))
+#: How often it writes progress to Redis (seconds).
+PROGRESS_INTERVAL = float(os.environ.get("LOGPROBE_PROGRESS_SECONDS", "0.5"))
+#: A running job whose heartbeat is younger than this is alive (seconds).
+HEARTBEAT_FRESH = 5.0
+
+CANCELLED = "cancelled"
+TIME_LIMIT = "time_limit"
+
+
+class JobControl:
+    """What a backend may ask about, and report on, the job it is running."""
+
+    def __init__(self, job_id: str, *, time_limit: float, redis: Any | None = None,
+                 worker: str = "", attempt: int | None = None) -> None:
+        self.job_id = job_id
+        self.time_limit = time_limit
+        self.deadline = time.monotonic() + time_limit
+        self.redis = redis
+        self.worker = worker
+        self.attempt = attempt
+        self.done = 0
+        self.total: int | None = None
+        self.unit = "tokens"
+        self.begun_at: float | None = None  # epoch seconds when compute began
+        #: Why the job was stopped early (CANCELLED or TIME_LIMIT), None if it was not.
+        self.stop_reason: str | None = None
+        self.stopped_at: float | None = None  # time.monotonic() when it was stopped
+        self._cancel = threading.Event()
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- called by backends (cheap: no I/O) -----------------------------------------
+
+    def begin(self, total: int, unit: str = "tokens") -> None:
+        """The job's work is ``total`` units (tokens to score or to generate)."""
+        self.total, self.unit, self.done = total, unit, 0
+        self.begun_at = time.time()
+
+    def advance(self, done: int) -> None:
+        self.done = done
+
+    def should_stop(self) -> bool:
+        """True once the job was cancelled or ran past its time limit (sets stop_reason)."""
+        if self.stop_reason is not None:
+            return True
+        if self._cancel.is_set():
+            self.stop_reason = CANCELLED
+        elif time.monotonic() >= self.deadline:
+            self.stop_reason = TIME_LIMIT
+        if self.stop_reason is not None:
+            self.stopped_at = time.monotonic()
+            return True
+        return False
+
+    # --- used by the runner ----------------------------------------------------------
+
+    def cancel_requested(self) -> bool:
+        """Ask Redis now whether the job was cancelled (one round trip)."""
+        if self.redis is None:
+            return False
+        try:
+            if self.redis.exists(cancel_key(self.job_id)):
+                self._cancel.set()
+        except Exception as exc:  # Redis down: keep computing, results go to SQL anyway
+            log.warning("could not read the cancel flag of job %s: %s", self.job_id, exc)
+        return self._cancel.is_set()
+
+    def _report(self, final: bool = False) -> None:
+        fields: dict[str, Any] = {
+            "done": self.done, "unit": self.unit, "updated": time.time(),
+            "worker": self.worker, "pid": os.getpid(), "host": socket.gethostname(),
+            "final": int(final),
+        }
+        if self.total is not None:
+            fields["total"] = self.total
+        if self.begun_at is not None:
+            fields["started"] = self.begun_at
+        if self.attempt is not None:
+            fields["attempt"] = self.attempt
+        key = progress_key(self.job_id)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, LIVE_KEY_TTL)
+        pipe.execute()
+
+    def _watch(self) -> None:
+        next_report = 0.0
+        while not self._finished.is_set():
+            now = time.monotonic()
+            try:
+                if self.redis.exists(cancel_key(self.job_id)):
+                    self._cancel.set()
+                if now >= next_report:
+                    self._report()
+                    next_report = now + PROGRESS_INTERVAL
+            except Exception as exc:  # Redis restarting: try again shortly
+                log.debug("progress/cancel check of job %s failed: %s", self.job_id, exc)
+                next_report = now + PROGRESS_INTERVAL
+            self._finished.wait(CANCEL_POLL_INTERVAL)
+
+    def start_monitor(self) -> None:
+        if self.redis is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._watch, name=f"monitor-{self.job_id[:8]}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop_monitor(self) -> None:
+        self._finished.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.redis is not None:
+            try:
+                self._report(final=True)
+            except Exception as exc:
+                log.debug("final progress of job %s not written: %s", self.job_id, exc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_elsewhere(redis: Any, job_id: str) -> str | None:
+    """Who is running ``job_id`` right now, if another live process is (else None).
+
+    A message can be delivered again while its job still runs: the broker connection
+    dropped and Celery restored the unacknowledged message, or a visibility timeout
+    was set too short. The job's heartbeat says whether its runner is alive: fresh,
+    not final, and not a dead process on this host.
+    """
+    try:
+        raw = redis.hgetall(progress_key(job_id))
+    except Exception:
+        return None
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    if not fields or fields.get("final") == "1" or "updated" not in fields:
+        return None
+    age = time.time() - float(fields["updated"])
+    pid = int(fields.get("pid") or 0)
+    if age > HEARTBEAT_FRESH or pid == os.getpid():
+        return None
+    if fields.get("host") == socket.gethostname() and not _pid_alive(pid):
+        return None
+    return f"{fields.get('worker') or '?'} (pid {pid}, heartbeat {age:.1f}s ago)"
+
+
+_active: ContextVar[Mapping[int, JobControl] | None] = ContextVar("logprobe_job_controls",
+                                                                  default=None)
+
+
+def control_for(spec: object) -> JobControl | None:
+    """The control of the job running ``spec`` (the very object the runner passed)."""
+    controls = _active.get()
+    return None if controls is None else controls.get(id(spec))
+
+
+@contextmanager
+def monitoring(pairs: list[tuple[object, JobControl]]) -> Iterator[None]:
+    """Make each spec's control findable and run its monitor thread while the block runs."""
+    token = _active.set({id(spec): control for spec, control in pairs})
+    for _, control in pairs:
+        control.start_monitor()
+    try:
+        yield
+    finally:
+        for _, control in pairs:
+            control.stop_monitor()
+        _active.reset(token)

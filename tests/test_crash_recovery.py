@@ -211,8 +211,10 @@ def test_redis_restart_mid_run_loses_and_duplicates_nothing(pg_url: str, long_gp
                 assert job.wait(timeout=120) is JobStatus.SUCCEEDED
 
             # 2. Redis comes back empty: the queued jobs' messages are gone.
-            long_job2 = client.generate(PROMPT, model=long_gpt2, max_new_tokens=N_TOKENS)
-            short2 = client.score_many(texts, model=long_gpt2)
+            # The same probes again, computed again (not answered from the first run's rows).
+            long_job2 = client.generate(PROMPT, model=long_gpt2, max_new_tokens=N_TOKENS,
+                                        reuse=False)
+            short2 = client.score_many(texts, model=long_gpt2, reuse=False)
             _running(client, long_job2.id)
             server.kill(lose_data=True)
             server.start()

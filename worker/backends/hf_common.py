@@ -54,6 +54,23 @@ def top_alternatives(
     return result
 
 
+def input_tokens(ids: Sequence[int], texts: Sequence[str], token_lp: Sequence[float],
+                 alternatives: Sequence[tuple[Alternative, ...]] | None) -> list[TokenLogprob]:
+    """The tokens of an input: token *i* has ``token_lp[i-1]`` and ``alternatives[i]``;
+    the first has no logprob (nothing precedes it)."""
+    return [
+        TokenLogprob(
+            position=i,
+            token_id=tid,
+            token=texts[i],
+            logprob=None if i == 0 else token_lp[i - 1],
+            generated=False,
+            top_logprobs=alternatives[i] if alternatives is not None else (),
+        )
+        for i, tid in enumerate(ids)
+    ]
+
+
 def text_logprobs(lm: LoadedModel, ids: list[int], top_k: int) -> list[TokenLogprob]:
     """Every token of ``ids`` with its logprob given the ones before (None for the first)."""
     input_ids = torch.tensor([ids], device=lm.device)
@@ -62,15 +79,4 @@ def text_logprobs(lm: LoadedModel, ids: list[int], top_k: int) -> list[TokenLogp
     logprobs = torch.log_softmax(logits, dim=-1)
     token_lp = logprobs.gather(1, input_ids[0, 1:, None])[:, 0].tolist()
     alternatives = [(), *top_alternatives(lm, logprobs, top_k)]
-    texts = decode_each(lm, ids)
-    return [
-        TokenLogprob(
-            position=i,
-            token_id=tid,
-            token=texts[i],
-            logprob=None if i == 0 else token_lp[i - 1],
-            generated=False,
-            top_logprobs=alternatives[i],
-        )
-        for i, tid in enumerate(ids)
-    ]
+    return input_tokens(ids, decode_each(lm, ids), token_lp, alternatives)

@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 import torch
 
 from api_client.errors import ProbeInputError
-from api_client.results import SequenceResult, TokenLogprob
+from api_client.results import SequenceResult
 from api_client.specs import ScoreSpec
 
 from ..control import control_for
 from .base import ProbeOutput
-from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
+from .hf_common import check_ids, decode_each, input_tokens, text_logprobs, top_alternatives
 from .hf_models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -242,18 +242,7 @@ def _score_output(lm: LoadedModel, spec: ScoreSpec, ids: list[int], token_lp: li
                   batch_size: int) -> ProbeOutput:
     alternatives = ([(), *top_alternatives(lm, logprobs, spec.top_logprobs)]
                     if logprobs is not None else None)
-    texts = token_texts(lm, ids)
-    tokens = tuple(
-        TokenLogprob(
-            position=i,
-            token_id=tid,
-            token=texts[i],
-            logprob=None if i == 0 else token_lp[i - 1],
-            generated=False,
-            top_logprobs=alternatives[i] if alternatives is not None else (),
-        )
-        for i, tid in enumerate(ids)
-    )
+    tokens = tuple(input_tokens(ids, token_texts(lm, ids), token_lp, alternatives))
     total = math.fsum(token_lp)
     return ProbeOutput(
         sequences=[SequenceResult(index=0, text=spec.text, tokens=tokens)],

@@ -54,8 +54,6 @@ class JobControl:
         self.stop_reason: str | None = None
         self.stopped_at: float | None = None  # time.monotonic() when it was stopped
         self._cancel = threading.Event()
-        self._finished = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # --- called by backends (cheap: no I/O) -----------------------------------------
 
@@ -93,7 +91,8 @@ class JobControl:
             log.warning("could not read the cancel flag of job %s: %s", self.job_id, exc)
         return self._cancel.is_set()
 
-    def _report(self, final: bool = False) -> None:
+    def report_into(self, pipe: Any, final: bool = False) -> None:
+        """Queue this job's progress hash (the heartbeat) on a Redis pipeline."""
         fields: dict[str, Any] = {
             "done": self.done, "unit": self.unit, "updated": time.time(),
             "worker": self.worker, "pid": os.getpid(), "host": socket.gethostname(),
@@ -106,9 +105,34 @@ class JobControl:
         if self.attempt is not None:
             fields["attempt"] = self.attempt
         key = progress_key(self.job_id)
-        pipe = self.redis.pipeline()
         pipe.hset(key, mapping=fields)
         pipe.expire(key, LIVE_KEY_TTL)
+
+
+class Monitor:
+    """One thread for all the jobs of a message: every ``CANCEL_POLL_INTERVAL`` it reads
+    their cancel flags, every ``PROGRESS_INTERVAL`` it writes their progress, each in
+    one Redis round trip (a thread and a poll per job cost a batch of tiny probes more
+    than their compute)."""
+
+    def __init__(self, controls: list[JobControl]) -> None:
+        self.controls = [c for c in controls if c.redis is not None]
+        self.redis = self.controls[0].redis if self.controls else None
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _poll_cancel_flags(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for control in self.controls:
+            pipe.exists(cancel_key(control.job_id))
+        for control, flagged in zip(self.controls, pipe.execute(), strict=True):
+            if flagged:
+                control._cancel.set()
+
+    def _report(self, final: bool = False) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for control in self.controls:
+            control.report_into(pipe, final)
         pipe.execute()
 
     def _watch(self) -> None:
@@ -116,24 +140,23 @@ class JobControl:
         while not self._finished.is_set():
             now = time.monotonic()
             try:
-                if self.redis.exists(cancel_key(self.job_id)):
-                    self._cancel.set()
+                self._poll_cancel_flags()
                 if now >= next_report:
                     self._report()
                     next_report = now + PROGRESS_INTERVAL
             except Exception as exc:  # Redis restarting: try again shortly
-                log.debug("progress/cancel check of job %s failed: %s", self.job_id, exc)
+                log.debug("progress/cancel check failed: %s", exc)
                 next_report = now + PROGRESS_INTERVAL
             self._finished.wait(CANCEL_POLL_INTERVAL)
 
-    def start_monitor(self) -> None:
+    def start(self) -> None:
         if self.redis is None or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._watch, name=f"monitor-{self.job_id[:8]}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._watch, name=f"monitor-{self.controls[0].job_id[:8]}", daemon=True)
         self._thread.start()
 
-    def stop_monitor(self) -> None:
+    def stop(self) -> None:
         self._finished.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -142,7 +165,7 @@ class JobControl:
             try:
                 self._report(final=True)
             except Exception as exc:
-                log.debug("final progress of job %s not written: %s", self.job_id, exc)
+                log.debug("final progress not written: %s", exc)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -191,13 +214,12 @@ def control_for(spec: object) -> JobControl | None:
 
 @contextmanager
 def monitoring(pairs: list[tuple[object, JobControl]]) -> Iterator[None]:
-    """Make each spec's control findable and run its monitor thread while the block runs."""
+    """Make each spec's control findable and run one monitor for them while the block runs."""
     token = _active.set({id(spec): control for spec, control in pairs})
-    for _, control in pairs:
-        control.start_monitor()
+    monitor = Monitor([control for _, control in pairs])
+    monitor.start()
     try:
         yield
     finally:
-        for _, control in pairs:
-            control.stop_monitor()
+        monitor.stop()
         _active.reset(token)

@@ -194,13 +194,13 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
             if job_id in stored:
                 continue
             _finish(state, job_id, output, control)
-        if duplicates:
-            _finish_duplicates(state, duplicates)
             if control.stopped_at is not None:
                 log.info("job %s stopped (%s) at %d/%s %s; results ready %.0f ms and stored "
                          "%.0f ms later", job_id, control.stop_reason, control.done,
                          control.total, control.unit, 1000 * (returned - control.stopped_at),
                          1000 * (time.monotonic() - control.stopped_at))
+        if duplicates:
+            _finish_duplicates(state, duplicates)
 
 
 def _reuse(state: ProcessState, backend: Backend, jobs: list[tuple[str, AnySpec, JobControl]]

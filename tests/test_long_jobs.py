@@ -1,7 +1,7 @@
 """Long jobs on a real worker: progress, cancellation, time limits, out-of-memory, routing.
 
 One worker per database (SQLite, PostgreSQL) serves the module. It runs under
-``prlimit --data`` (1.5 GB), so a probe too big for it really runs out of memory,
+``prlimit --data`` (3 GB), so a probe too big for it really runs out of memory,
 and has an ``HF_TOKEN`` in its environment that must never reach SQL or its log.
 """
 
@@ -26,7 +26,7 @@ from tests.helpers import logprobe_command, subprocess_env
 
 PROMPT = "Once upon a time"
 SECRET = "hf_testsecret_doNotStore_4242"
-MEMORY_LIMIT = 1_500_000_000  # bytes of data segment for the worker processes
+MEMORY_LIMIT = 3_000_000_000  # bytes of data segment for the worker processes
 
 
 @cache
@@ -167,7 +167,7 @@ def test_time_limit_stops_the_job_with_a_clear_error(lj_client: Client, long_gpt
 
 def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(
         lj_client: Client, long_gpt2: str, lj_worker: LimitedWorkerProcess) -> None:
-    huge = lj_client.score(token_ids=[(i * 7919) % 50000 for i in range(8000)], model=long_gpt2)
+    huge = lj_client.score(token_ids=[(i * 7919) % 50000 for i in range(16000)], model=long_gpt2)
     assert huge.wait(timeout=120) is JobStatus.FAILED
     info = huge.info()
     assert info["error_type"] == "OutOfMemory", info["error"]

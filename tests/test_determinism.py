@@ -121,3 +121,28 @@ def test_report_flags_a_planted_difference(client: Client, tiny_gpt2: str,
     score_row = rows[config_hash(score)]
     assert (score_row["runs"], score_row["distinct_outputs"]) == (3, 1)
     assert score_row["max_abs_dloss"] == 0 and score_row["deterministic"] == 1
+
+
+def test_batch_invariance_is_reported(client: Client, tiny_gpt2: str) -> None:
+    """The same text scored alone and inside a batch of other texts: the report shows
+    the batch sizes and the difference, and each job records the batch it ran in."""
+    spec = make_spec("score", text="Finn writes code in the evening", model=tiny_gpt2,
+                     top_logprobs=1, reuse=False)
+    alone = client.submit(spec)  # one message, one probe: a batch of 1
+    others = [make_spec("score", text=f"Another sentence, number {i}, about nothing much",
+                        model=tiny_gpt2, reuse=False) for i in range(5)]
+    batched = client.submit_many([*others, spec])[-1]  # one message: scored as a batch
+    first, second = alone.result(timeout=120), batched.result(timeout=120)
+
+    size = batched.info()["batch_size"]
+    assert alone.info()["batch_size"] == 1 and size > 1
+    assert [t.token_id for t in first.tokens] == [t.token_id for t in second.tokens]
+    expected = max(abs(a.logprob - b.logprob)
+                   for a, b in zip(first.tokens[1:], second.tokens[1:], strict=True))
+    row = report_row(client, config_hash(spec))
+    assert row["runs"] == 2
+    assert row["batch_size_differs"] == 1
+    assert (row["min_batch_size"], row["max_batch_size"]) == (1, size)
+    assert row["distinct_outputs"] == 1
+    assert row["max_abs_dlogprob"] == pytest.approx(expected, abs=1e-12)
+    assert row["max_abs_dlogprob"] <= 1e-5  # batching changes float rounding, not results

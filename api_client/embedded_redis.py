@@ -90,5 +90,12 @@ def stop_embedded_redis(data_dir: Path) -> bool:
         return False
     with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
         sock.sendall(b"SHUTDOWN\r\n")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the server closes the connection as it exits
+            try:
+                if not sock.recv(64):
+                    break
+            except OSError:
+                break
     port_file.unlink(missing_ok=True)
-    return True
+    return not _ping(port)

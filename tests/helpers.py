@@ -98,3 +98,14 @@ def create_postgres_database(server_url: str, name: str) -> str:
 def drop_postgres_database(server_url: str, name: str) -> None:
     with _admin_connection(server_url) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def max_in_rolling_window(times: list[float], window: float) -> int:
+    """The most events in any window of ``window`` seconds (a rate limit's bound)."""
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while times[start] <= t - window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best

@@ -18,7 +18,7 @@ import pytest
 from api_client import Client, JobStatus
 from api_client.errors import JobFailed
 from tests.conftest import make_database
-from tests.helpers import WorkerProcess
+from tests.helpers import WorkerProcess, max_in_rolling_window
 from tests.openai_server import FakeOpenAI, Fault
 
 API_KEY = "sk-test-" + uuid.uuid4().hex
@@ -41,16 +41,6 @@ def start_workers(count: int, *, server: FakeOpenAI, redis_url: str, database_ur
             worker.stop()
         raise
     return workers
-
-
-def max_in_rolling_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while times[start] <= t - window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis as redis_lib
 
+from tests.helpers import max_in_rolling_window
 from worker.ratelimit import GlobalRateLimiter, RateLimits, RateLimitTooSmall
 
 
@@ -21,16 +22,6 @@ def redis(redis_url: str):
 
 def limiter(redis, **limits) -> GlobalRateLimiter:
     return GlobalRateLimiter(redis, RateLimits(name=uuid.uuid4().hex, **limits))
-
-
-def max_in_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while times[start] <= t - window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def hammer(limit: GlobalRateLimiter, threads: int, seconds: float, tokens: int = 0
@@ -56,7 +47,7 @@ def hammer(limit: GlobalRateLimiter, threads: int, seconds: float, tokens: int =
 def test_requests_per_window_hold_in_every_rolling_window(redis) -> None:
     limit = limiter(redis, requests_per_window=5, window_s=0.5, pad_s=0.02)
     admitted = hammer(limit, threads=6, seconds=1.8)
-    assert max_in_window(admitted, 0.5) <= 5
+    assert max_in_rolling_window(admitted, 0.5) <= 5
     # 5 at once, then 5 per 0.52 s: at least 3 full windows in 1.8 s
     assert len(admitted) >= 15
 

@@ -132,8 +132,5 @@ def hf_worker(module_database_url: str, redis_url: str,
 
 @pytest.fixture(scope="module")
 def client(hf_worker: WorkerProcess) -> Iterator[object]:
-    from api_client import Client
-
-    with Client(redis_url=hf_worker.redis_url, database_url=hf_worker.database_url,
-                queue=hf_worker.queue) as c:
+    with hf_worker.client() as c:
         yield c

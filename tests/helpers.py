@@ -9,6 +9,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from api_client import Client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +70,15 @@ class WorkerProcess:
                 raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log_text()}")
             time.sleep(0.1)
         return self
+
+    def client(self, **options: object) -> Client:
+        """A client on this worker's Redis and database, submitting to its queue
+        (``options`` override, e.g. ``queue=`` or ``artifacts_url=``)."""
+        from api_client import Client
+
+        settings = {"redis_url": self.redis_url, "database_url": self.database_url,
+                    "queue": self.queue, **options}
+        return Client(**settings)  # type: ignore[arg-type]
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

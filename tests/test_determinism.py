@@ -44,8 +44,7 @@ def det_worker(module_database_url: str, redis_url: str, queues: list[str],
 
 @pytest.fixture(scope="module")
 def client(det_worker: WorkerProcess, queues: list[str]) -> Iterator[Client]:
-    with Client(redis_url=det_worker.redis_url, database_url=det_worker.database_url,
-                queue=queues[0]) as c:
+    with det_worker.client(queue=queues[0]) as c:
         yield c
 
 

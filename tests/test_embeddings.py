@@ -63,8 +63,7 @@ def tensor_worker(module_database_url: str, redis_url: str, artifacts_dir: Path,
 
 @pytest.fixture(scope="module")
 def client(tensor_worker: WorkerProcess, artifacts_dir: Path) -> Iterator[Client]:
-    with Client(redis_url=tensor_worker.redis_url, database_url=tensor_worker.database_url,
-                queue=tensor_worker.queue, artifacts_url=str(artifacts_dir)) as c:
+    with tensor_worker.client(artifacts_url=str(artifacts_dir)) as c:
         yield c
 
 

@@ -77,8 +77,7 @@ def lj_worker(module_database_url: str, redis_url: str,
 
 @pytest.fixture(scope="module")
 def lj_client(lj_worker: LimitedWorkerProcess) -> Iterator[Client]:
-    with Client(redis_url=lj_worker.redis_url, database_url=lj_worker.database_url,
-                queue=lj_worker.queue) as client:
+    with lj_worker.client() as client:
         yield client
 
 

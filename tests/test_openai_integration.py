@@ -47,8 +47,7 @@ def openai_worker(module_database_url: str, redis_url: str, fake_openai: FakeOpe
 
 @pytest.fixture(scope="module")
 def oclient(openai_worker: WorkerProcess) -> Iterator[Client]:
-    with Client(redis_url=openai_worker.redis_url, database_url=openai_worker.database_url,
-                queue=openai_worker.queue) as c:
+    with openai_worker.client() as c:
         yield c
 
 

@@ -96,5 +96,6 @@ def requeue_lost_jobs(client: Client, *, older_than: float = 60.0, stale_after: 
         and not (row.status is JobStatus.RUNNING and _alive(redis, row.id, stale_after))
     ]
     if lost and not dry_run:
-        client._enqueue(lost)
+        client._enqueue([{"id": row.id, "spec": row.spec, "queue": row.queue,
+                          "model": row.model, "time_limit": row.time_limit} for row in lost])
     return [row.id for row in lost]

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
-from sqlalchemy import inspect as sa_inspect
 
 from .errors import JobTimeout, SpecError
 from .jobs import JobHandle
@@ -40,24 +39,19 @@ _MAX_POLL_INTERVAL = 0.5
 
 
 def chunk_messages(
-    rows: Sequence[Job], chunk_size: int
+    rows: Sequence[Mapping[str, Any]], chunk_size: int
 ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """``(queue, [{"id", "spec"}, ...])`` per message: same queue and model, in order."""
+    """``(queue, [{"id", "spec"}, ...])`` per message, from new job rows' column values:
+    same queue and model, in order."""
     if chunk_size < 1:
         raise SpecError(f"chunk_size must be at least 1, got {chunk_size}")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row.queue, row.model), []).append({"id": row.id, "spec": row.spec})
+        groups.setdefault((row["queue"], row["model"]), []).append(
+            {"id": row["id"], "spec": row["spec"]})
     for (queue, _model), items in groups.items():
         for start in range(0, len(items), chunk_size):
             yield queue, items[start : start + chunk_size]
-
-
-def job_values(rows: Sequence[Job]) -> list[dict[str, Any]]:
-    """The column values set on new (unsaved) job objects, for one executemany INSERT:
-    much faster than an ORM flush for thousands of jobs."""
-    keys = [attr.key for attr in sa_inspect(Job).column_attrs]
-    return [{key: row.__dict__[key] for key in keys if key in row.__dict__} for row in rows]
 
 
 def sweep_specs(

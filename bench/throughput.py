@@ -411,7 +411,7 @@ def ingestion_section(args: argparse.Namespace, db_url: str) -> None:
 
     from api_client.database import make_engine, make_sessionmaker
     from api_client.schema import Job, JobStatus, Token
-    from worker.bulk_persistence import TOKEN_COLUMNS, insert_rows
+    from worker.output_rows import TOKEN_COLUMNS, insert_rows
 
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)

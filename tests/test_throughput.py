@@ -24,6 +24,7 @@ from api_client.sweeps import chunk_messages, sweep_specs
 from worker.backends.base import ProbeOutput
 from worker.backends.hf_score import BatchBudget, run_with_backoff
 from worker.bulk_persistence import claim_many, store_outputs
+from worker.persistence import store_output
 
 TOL = 1e-5
 # Different lengths (2 to ~90 tokens) so that batches are padded.
@@ -153,7 +154,8 @@ def test_sweep_refuses_bad_input(tiny_gpt2: str) -> None:
 
 
 def test_jobs_are_chunked_per_queue_and_model() -> None:
-    rows = [Job(id=str(i), spec={}, queue="q", model="a" if i % 3 else "b") for i in range(130)]
+    rows = [{"id": str(i), "spec": {}, "queue": "q", "model": "a" if i % 3 else "b"}
+            for i in range(130)]
     messages = list(chunk_messages(rows, 32))
     assert sum(len(items) for _, items in messages) == 130
     assert all(len(items) <= 32 for _, items in messages)
@@ -257,4 +259,45 @@ def test_bulk_store_writes_exactly_the_rows(database_url: str) -> None:
         assert [jobs[i].status for i in ids] == [JobStatus.SUCCEEDED] * 3
         assert [jobs[i].loss for i in ids] == [1.0, 2.0, 3.0]
         assert {jobs[i].batch_size for i in ids} == {3}
+    engine.dispose()
+
+
+def _stored_tokens(session, job_id: str) -> list[tuple]:
+    return [tuple(r) for r in session.execute(
+        select(Token.position, Token.token_id, Token.token, Token.logprob)
+        .where(Token.job_id == job_id).order_by(Token.position)).all()]
+
+
+def test_one_job_store_and_retries_write_the_same_rows(database_url: str) -> None:
+    """The one-job path (failures, stopped jobs, logits) writes the rows the batch path
+    writes, NUL included; a retried job's leftover rows are replaced, never doubled."""
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    single, batched, retried = (uuid.uuid4().hex for _ in range(3))
+    with sessions() as session, session.begin():
+        session.execute(insert(Job), [
+            {"id": i, "kind": "score", "backend": "hf", "model": "m", "status": JobStatus.QUEUED,
+             "spec": {}, "queue": "q"} for i in (single, batched, retried)])
+    with sessions() as session:
+        assert claim_many(session, [single, batched, retried], "w") == [single, batched, retried]
+    output = _output(6, 2, 4)
+    with sessions() as session:
+        assert store_output(session, single, output)
+        assert store_outputs(session, [(batched, output)]) == [batched]
+    # The retried job: its first attempt left rows (as an interrupted writer might), and a
+    # second worker claims and stores it.
+    with sessions() as session, session.begin():
+        session.execute(insert(Token), [
+            {"job_id": retried, "sequence_index": 0, "position": p, "token_id": 1,
+             "token": "stale", "logprob": -9.0, "generated": False} for p in range(9)])
+    with sessions() as session:
+        assert claim_many(session, [retried], "w2") == [retried]
+        assert store_outputs(session, [(retried, output)]) == [retried]
+    with sessions() as session:
+        want = [(t.position, t.token_id, t.token.replace("\x00", "\ufffd"), t.logprob)
+                for t in output.sequences[0].tokens]
+        assert _stored_tokens(session, single) == want
+        assert _stored_tokens(session, batched) == want
+        assert _stored_tokens(session, retried) == want
+        assert session.get(Job, retried).attempts == 2
     engine.dispose()

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from api_client.determinism import output_hash
@@ -24,18 +23,18 @@ from api_client.schema import Artifact, Job, JobStatus, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
 
 from .backends.base import ProbeOutput
+from .output_rows import (
+    SEQUENCE_COLUMNS,
+    TOKEN_COLUMNS,
+    TOP_COLUMNS,
+    insert_rows,
+    output_rows,
+)
 from .persistence import DEFAULT_MAX_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
 _UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
-
-TOKEN_COLUMNS = ("job_id", "sequence_index", "position", "token_id", "token", "logprob",
-                 "generated")
-TOP_COLUMNS = ("job_id", "sequence_index", "position", "rank", "token_id", "token", "logprob")
-SEQUENCE_COLUMNS = ("job_id", "sequence_index", "text", "finish_reason", "num_tokens",
-                    "num_generated", "sum_logprob")
-
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
@@ -45,8 +44,9 @@ def claim_many(session: Session, job_ids: Sequence[str], worker: str,
                max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[str]:
     """Claim every runnable job of ``job_ids`` in one transaction; return those claimed.
 
-    Same rules as :func:`worker.persistence.claim`: finished jobs are skipped, jobs
-    whose worker died ``max_attempts`` times are failed instead.
+    A claimed job is ``running``, its ``attempts`` counted up. Finished jobs (a
+    redelivered message) are not claimed; a job claimed ``max_attempts`` times before
+    (its worker died each time: killed, out of memory) is failed instead.
     """
     if not job_ids:
         return []
@@ -77,59 +77,6 @@ def claim_many(session: Session, job_ids: Sequence[str], worker: str,
     return [job_id for job_id in job_ids if job_id in runnable]
 
 
-@dataclass
-class OutputRows:
-    """The rows of many jobs' outputs, as tuples in table column order."""
-
-    sequences: list[tuple[Any, ...]]
-    tokens: list[tuple[Any, ...]]
-    alternatives: list[tuple[Any, ...]]
-
-
-def _text(value: str) -> str:
-    """PostgreSQL text cannot hold NUL (GPT-2 has a token for byte 0): stored as U+FFFD
-    on every database alike (``token_id`` keeps the exact token)."""
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
-
-
-def output_rows(items: Iterable[tuple[str, ProbeOutput]]) -> OutputRows:
-    sequences: list[tuple[Any, ...]] = []
-    tokens: list[tuple[Any, ...]] = []
-    alternatives: list[tuple[Any, ...]] = []
-    for job_id, output in items:
-        for seq in output.sequences:
-            all_tokens = (*seq.prompt_tokens, *seq.tokens)
-            text = None if seq.text is None else _text(seq.text)
-            sequences.append((job_id, seq.index, text, seq.finish_reason, len(all_tokens),
-                              sum(t.generated for t in all_tokens), seq.sum_logprob))
-            index = seq.index
-            for tok in all_tokens:
-                tokens.append((job_id, index, tok.position, tok.token_id, _text(tok.token),
-                               tok.logprob, tok.generated))
-                for rank, alt in enumerate(tok.top_logprobs):
-                    alternatives.append((job_id, index, tok.position, rank, alt.token_id,
-                                         _text(alt.token), alt.logprob))
-    return OutputRows(sequences, tokens, alternatives)
-
-
-def insert_rows(session: Session, model: type, columns: Sequence[str],
-                rows: Sequence[tuple[Any, ...]]) -> None:
-    """Insert ``rows`` (tuples in ``columns`` order) into ``model``'s table in the
-    session's transaction: ``COPY`` on PostgreSQL (psycopg 3), executemany elsewhere."""
-    if not rows:
-        return
-    connection = session.connection()
-    if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
-        raw = connection.connection.driver_connection
-        table = model.__table__.name  # type: ignore[attr-defined]
-        statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-        with raw.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
-            for row in rows:
-                copy.write_row(row)
-        return
-    connection.execute(insert(model), [dict(zip(columns, row, strict=True)) for row in rows])
-
-
 def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
                   extra: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Store finished jobs' rows and mark them succeeded, all in one transaction.
@@ -142,16 +89,18 @@ def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
     extra = extra or {}
     ids = [job_id for job_id, _ in items]
     with session.begin():
-        running = set(session.scalars(
-            select(Job.id).where(Job.id.in_(ids), Job.status == JobStatus.RUNNING)
+        attempts = dict(session.execute(
+            select(Job.id, Job.attempts).where(Job.id.in_(ids), Job.status == JobStatus.RUNNING)
             .with_for_update()
-        ))
-        todo = [(job_id, out) for job_id, out in items if job_id in running]
+        ).all())
+        todo = [(job_id, out) for job_id, out in items if job_id in attempts]
         if not todo:
             return []
         todo_ids = [job_id for job_id, _ in todo]
-        for table in (TopLogprob, Token, SequenceRow, Artifact):  # an interrupted attempt's
-            session.execute(delete(table).where(table.job_id.in_(todo_ids)))
+        retried = [job_id for job_id in todo_ids if attempts[job_id] > 1]
+        if retried:  # rows an earlier attempt may have left (first attempts have none)
+            for table in (TopLogprob, Token, SequenceRow, Artifact):
+                session.execute(delete(table.__table__).where(table.job_id.in_(retried)))
         rows = output_rows(todo)
         insert_rows(session, SequenceRow, SEQUENCE_COLUMNS, rows.sequences)
         insert_rows(session, Token, TOKEN_COLUMNS, rows.tokens)
@@ -174,6 +123,11 @@ def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
                 **extra.get(job_id, {}),
             }
             by_keys[tuple(sorted(values))].append(values)
-        for group in by_keys.values():
-            session.execute(update(Job), group)  # ORM bulk UPDATE by primary key
+        jobs = Job.__table__
+        for keys, group in by_keys.items():  # one Core executemany per set of columns
+            statement = (update(jobs).where(jobs.c.id == bindparam("v_id"))
+                         .values({key: bindparam(f"v_{key}") for key in keys if key != "id"}))
+            session.connection().execute(
+                statement, [{f"v_{key}": value for key, value in values.items()}
+                            for values in group])
     return todo_ids

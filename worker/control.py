@@ -80,17 +80,6 @@ class JobControl:
 
     # --- used by the runner ----------------------------------------------------------
 
-    def cancel_requested(self) -> bool:
-        """Ask Redis now whether the job was cancelled (one round trip)."""
-        if self.redis is None:
-            return False
-        try:
-            if self.redis.exists(cancel_key(self.job_id)):
-                self._cancel.set()
-        except Exception as exc:  # Redis down: keep computing, results go to SQL anyway
-            log.warning("could not read the cancel flag of job %s: %s", self.job_id, exc)
-        return self._cancel.is_set()
-
     def report_into(self, pipe: Any, final: bool = False) -> None:
         """Queue this job's progress hash (the heartbeat) on a Redis pipeline."""
         fields: dict[str, Any] = {
@@ -122,10 +111,8 @@ class Monitor:
         self._thread: threading.Thread | None = None
 
     def _poll_cancel_flags(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for control in self.controls:
-            pipe.exists(cancel_key(control.job_id))
-        for control, flagged in zip(self.controls, pipe.execute(), strict=True):
+        flags = _read_cancel_flags(self.redis, [control.job_id for control in self.controls])
+        for control, flagged in zip(self.controls, flags, strict=True):
             if flagged:
                 control._cancel.set()
 
@@ -178,28 +165,65 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def running_elsewhere(redis: Any, job_id: str) -> str | None:
-    """Who is running ``job_id`` right now, if another live process is (else None).
+def running_elsewhere(redis: Any, job_ids: list[str]) -> dict[str, str]:
+    """Which of ``job_ids`` another live process is running right now, and who
+    (``{job_id: description}``; one Redis round trip for all of them).
 
-    A message can be delivered again while its job still runs: the broker connection
+    A message can be delivered again while its jobs still run: the broker connection
     dropped and Celery restored the unacknowledged message, or a visibility timeout
-    was set too short. The job's heartbeat says whether its runner is alive: fresh,
-    not final, and not a dead process on this host.
+    was set too short. A job's heartbeat says whether its runner is alive: fresh,
+    not final, and not a dead process on this host. If Redis cannot be read, none is
+    (the claim in SQL and the idempotent store still keep results single).
     """
+    if not job_ids:
+        return {}
     try:
-        raw = redis.hgetall(progress_key(job_id))
-    except Exception:
+        pipe = redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(progress_key(job_id))
+        heartbeats = pipe.execute()
+    except Exception as exc:
+        log.warning("could not read the heartbeats of %d jobs: %s", len(job_ids), exc)
+        return {}
+    owners = {}
+    for job_id, raw in zip(job_ids, heartbeats, strict=True):
+        owner = _live_owner({k.decode(): v.decode() for k, v in raw.items()})
+        if owner is not None:
+            owners[job_id] = owner
+    return owners
+
+
+def _live_owner(heartbeat: dict[str, str]) -> str | None:
+    """Who wrote ``heartbeat`` if that process is alive and still running the job."""
+    if not heartbeat or heartbeat.get("final") == "1" or "updated" not in heartbeat:
         return None
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
-    if not fields or fields.get("final") == "1" or "updated" not in fields:
-        return None
-    age = time.time() - float(fields["updated"])
-    pid = int(fields.get("pid") or 0)
+    age = time.time() - float(heartbeat["updated"])
+    pid = int(heartbeat.get("pid") or 0)
     if age > HEARTBEAT_FRESH or pid == os.getpid():
         return None
-    if fields.get("host") == socket.gethostname() and not _pid_alive(pid):
+    if heartbeat.get("host") == socket.gethostname() and not _pid_alive(pid):
         return None
-    return f"{fields.get('worker') or '?'} (pid {pid}, heartbeat {age:.1f}s ago)"
+    return f"{heartbeat.get('worker') or '?'} (pid {pid}, heartbeat {age:.1f}s ago)"
+
+
+def cancel_requested(redis: Any, job_ids: list[str]) -> set[str]:
+    """Which of ``job_ids`` have their cancel flag set (one Redis round trip; none if
+    Redis cannot be read: the jobs run, and their results go to SQL anyway)."""
+    if not job_ids:
+        return set()
+    try:
+        flags = _read_cancel_flags(redis, job_ids)
+    except Exception as exc:
+        log.warning("could not read the cancel flags of %d jobs: %s", len(job_ids), exc)
+        return set()
+    return {job_id for job_id, flagged in zip(job_ids, flags, strict=True) if flagged}
+
+
+def _read_cancel_flags(redis: Any, job_ids: list[str]) -> list[bool]:
+    pipe = redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.exists(cancel_key(job_id))
+    return [bool(flag) for flag in pipe.execute()]
 
 
 _active: ContextVar[Mapping[int, JobControl] | None] = ContextVar("logprobe_job_controls",

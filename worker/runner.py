@@ -27,12 +27,19 @@ from api_client.specs import parse_spec
 from .artifact_output import write_logits
 from .backends import get_backend
 from .backends.base import AnySpec, Backend, ProbeOutput
-from .bulk_persistence import store_outputs
+from .bulk_persistence import claim_many, store_outputs
 from .config import WorkerOptions
-from .control import CANCELLED, TIME_LIMIT, JobControl, monitoring, running_elsewhere
+from .control import (
+    CANCELLED,
+    TIME_LIMIT,
+    JobControl,
+    cancel_requested,
+    monitoring,
+    running_elsewhere,
+)
 from .db_retry import with_db_retry
 from .failures import cancel_message, describe_failure, release_memory, time_limit_message
-from .persistence import claim, store_cancelled, store_failure, store_output
+from .persistence import store_cancelled, store_failure, store_output
 from .result_reuse import copy_results, find_sources
 
 log = logging.getLogger(__name__)
@@ -133,28 +140,33 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
 
 
 def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
-    """Claim each job, run the claimed ones on their backend, store every outcome.
+    """Claim the jobs, run the claimed ones on their backend, store every outcome.
 
-    ``items`` are ``{"id", "spec", "time_limit"?}``; a job whose cancel flag is set
-    when it is claimed is cancelled without running.
+    ``items`` are ``{"id", "spec", "time_limit"?}``. Claiming is one Redis round trip
+    (jobs another live process is running are left to it), one SQL transaction, and
+    one more round trip for cancel flags: a job cancelled before it was claimed is
+    cancelled without running.
     """
     state = process_state()
+    items = list(items)
+    elsewhere = running_elsewhere(state.redis, [item["id"] for item in items])
+    for job_id, owner in elsewhere.items():  # a redelivered message; stored once by owner
+        log.info("job %s is running in %s; not running it twice", job_id, owner)
+    candidates = [item for item in items if item["id"] not in elsewhere]
+    runnable = set(_with_session(
+        state, f"claim {len(candidates)} jobs",
+        lambda s: claim_many(s, [item["id"] for item in candidates], worker_name,
+                             state.options.max_attempts)))
+    for item in candidates:
+        if item["id"] not in runnable:
+            log.info("job %s is finished or given up; skipping", item["id"])
+    cancelled = cancel_requested(state.redis, sorted(runnable))
     claimed: dict[str, list[tuple[str, AnySpec, JobControl]]] = defaultdict(list)
-    for item in items:
+    for item in candidates:
         job_id = item["id"]
-        owner = running_elsewhere(state.redis, job_id)
-        if owner is not None:  # a redelivered message; its result will be stored once
-            log.info("job %s is running in %s; not running it twice", job_id, owner)
+        if job_id not in runnable:
             continue
-        if not _with_session(state, f"claim job {job_id}",
-                             lambda s, job_id=job_id: claim(s, job_id, worker_name,
-                                                            state.options.max_attempts)):
-            log.info("job %s is finished or given up; skipping", job_id)
-            continue
-        control = JobControl(job_id, time_limit=float(item.get("time_limit")
-                                                      or default_job_time_limit()),
-                             redis=state.redis, worker=worker_name)
-        if control.cancel_requested():
+        if job_id in cancelled:
             _store(state, f"cancel job {job_id}",
                    lambda s, job_id=job_id: store_cancelled(s, job_id,
                                                             "cancelled before it started"))
@@ -165,6 +177,9 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
             _store(state, f"store the failure of job {job_id}",
                    lambda s, job_id=job_id, exc=exc: store_failure(s, job_id, exc))
             continue
+        control = JobControl(job_id, time_limit=float(item.get("time_limit")
+                                                      or default_job_time_limit()),
+                             redis=state.redis, worker=worker_name)
         claimed[spec.backend].append((job_id, spec, control))
 
     for backend_name, jobs in claimed.items():

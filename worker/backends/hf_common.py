@@ -41,14 +41,24 @@ def top_alternatives(
     values, indices = torch.topk(logprobs, k, dim=-1)
     values_list, indices_list = values.tolist(), indices.tolist()
     texts = decode_each(lm, [i for row in indices_list for i in row])
+    return alternatives_from_topk(values_list, indices_list, texts)
+
+
+def alternatives_from_topk(values: Sequence[Sequence[float]], ids: Sequence[Sequence[int]],
+                           texts: Sequence[str]) -> list[tuple[Alternative, ...]]:
+    """Rows of top-k ``values`` and token ``ids`` (rows may differ in length) as
+    ``Alternative``s; ``texts`` are the token texts of ``ids`` flattened row by row.
+    Entries at ``-inf`` (masked by top-k/top-p sampling) are left out."""
     result = []
-    for r, (row_values, row_ids) in enumerate(zip(values_list, indices_list, strict=True)):
-        row_texts = texts[r * k : (r + 1) * k]
+    start = 0
+    for row_values, row_ids in zip(values, ids, strict=True):
+        row_texts = texts[start : start + len(row_ids)]
+        start += len(row_ids)
         result.append(
             tuple(
                 Alternative(token_id=i, token=t, logprob=v)
                 for i, t, v in zip(row_ids, row_texts, row_values, strict=True)
-                if v != float("-inf")  # masked by top-k/top-p sampling
+                if v != float("-inf")
             )
         )
     return result

@@ -15,6 +15,7 @@ import os
 import platform
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,10 @@ class LoadedModel:
             eos = eos[0] if eos else None
         return None if eos is None else int(eos)
 
-    def provenance(self) -> dict[str, Any]:
+    @cached_property
+    def fixed_provenance(self) -> dict[str, Any]:
+        """What :meth:`provenance` records that cannot change while the model is loaded
+        (looked up once: package metadata and the CPU name are slow to read)."""
         return {
             "model_revision": self.revision,
             "dtype": self.dtype,
@@ -132,6 +136,11 @@ class LoadedModel:
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
             "openai_version": _package_version("openai"),
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            **self.fixed_provenance,
             "deterministic": torch.are_deterministic_algorithms_enabled(),
         }
 

@@ -17,7 +17,14 @@ from api_client.specs import ScoreSpec
 
 from ..control import control_for
 from .base import ProbeOutput
-from .hf_common import check_ids, decode_each, input_tokens, text_logprobs, top_alternatives
+from .hf_batch_logprobs import TextLogprobs, batch_token_logprobs
+from .hf_common import (
+    alternatives_from_topk,
+    check_ids,
+    decode_each,
+    input_tokens,
+    text_logprobs,
+)
 from .hf_models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -137,48 +144,15 @@ def run_with_backoff(
                 + run_with_backoff(items[half:], forward, budget))
 
 
-def batch_token_logprobs(lm: LoadedModel, batch: list[list[int]],
-                         top_k: Sequence[int]) -> list[tuple[list[float], torch.Tensor | None]]:
-    """One right-padded forward pass over ``batch``; per text, the logprob of each
-    token after the first, and (where ``top_k`` asks) the full float32 log-softmax
-    rows for picking alternatives.
-
-    A token's logprob is ``logit[token] - logsumexp(logits)`` in float32, which is
-    ``log_softmax(logits)[token]`` without writing out the vocabulary-sized rows
-    (they are only materialised for texts that want top-k alternatives).
-    """
-    longest = max(len(ids) for ids in batch)
-    pad = lm.eos_token_id if lm.eos_token_id is not None else 0
-    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
-    input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-    results: list[tuple[list[float], torch.Tensor | None]] = []
-    with torch.inference_mode():
-        logits = lm.model(input_ids=input_ids, attention_mask=mask).logits
-        for row, ids in enumerate(batch):  # row by row: no padding, small temporaries
-            n = len(ids)
-            row_logits = logits[row, : n - 1].float()
-            if top_k[row]:
-                logprobs = torch.log_softmax(row_logits, dim=-1)
-                token_lp = logprobs.gather(1, input_ids[row, 1:n, None])[:, 0]
-                results.append((token_lp.tolist(), logprobs))
-            else:
-                picked = row_logits.gather(1, input_ids[row, 1:n, None])[:, 0]
-                token_lp = picked - torch.logsumexp(row_logits, dim=-1)
-                results.append((token_lp.tolist(), None))
-        del logits
-    return results
-
-
 def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
-                budget: BatchBudget | None = None) -> list[ProbeOutput | Exception]:
+                budget: BatchBudget | None = None, *, chunk_rows: int | None = None,
+                head_only: bool | None = None) -> list[ProbeOutput | Exception]:
     """Score many texts on one model in length-bucketed, padded batches.
 
     Each output equals :func:`score` of its spec alone (float32, within 1e-5);
     ``provenance["batch_size"]`` is the number of texts in the forward pass it ran in.
+    ``chunk_rows`` and ``head_only`` go to :func:`batch_token_logprobs`; the defaults
+    suit the model and device (``head_only=False`` forces the full forward pass).
     """
     budget = budget or BatchBudget()
     outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
@@ -200,15 +174,16 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
             for control, n in controls:
                 if control is not None:
                     control.begin(n, "tokens")
-            rows = batch_token_logprobs(
-                lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part]
+            scored = batch_token_logprobs(
+                lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part],
+                chunk_rows=chunk_rows, head_only=head_only,
             )
             for control, n in controls:
                 if control is not None:
                     control.advance(n)
             return [
-                _score_output(lm, specs[i], ids, token_lp, logprobs, provenance, len(part))
-                for (i, ids), (token_lp, logprobs) in zip(part, rows, strict=True)
+                _score_output(lm, specs[i], ids, text, provenance, len(part))
+                for (i, ids), text in zip(part, scored, strict=True)
             ]
 
         for part, result in run_with_backoff(items, forward, budget):
@@ -237,11 +212,13 @@ def token_texts(lm: LoadedModel, ids: Sequence[int]) -> list[str]:
     return [cache[i] for i in ids]
 
 
-def _score_output(lm: LoadedModel, spec: ScoreSpec, ids: list[int], token_lp: list[float],
-                  logprobs: torch.Tensor | None, provenance: dict[str, Any],
-                  batch_size: int) -> ProbeOutput:
-    alternatives = ([(), *top_alternatives(lm, logprobs, spec.top_logprobs)]
-                    if logprobs is not None else None)
+def _score_output(lm: LoadedModel, spec: ScoreSpec, ids: list[int], scored: TextLogprobs,
+                  provenance: dict[str, Any], batch_size: int) -> ProbeOutput:
+    alternatives = None
+    if scored.top_values is not None and scored.top_ids is not None:
+        texts = token_texts(lm, [i for row in scored.top_ids for i in row])
+        alternatives = [(), *alternatives_from_topk(scored.top_values, scored.top_ids, texts)]
+    token_lp = scored.token_logprobs
     tokens = tuple(input_tokens(ids, token_texts(lm, ids), token_lp, alternatives))
     total = math.fsum(token_lp)
     return ProbeOutput(

@@ -1,0 +1,101 @@
+"""The batched scoring math in-process (no worker): packed rows, chunked log-softmax and
+top-k, on the tiny GPT-2 and LLaMA, against a plain forward pass per text alone.
+``tests/test_throughput.py`` checks the same through a real worker."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from api_client.specs import ScoreSpec
+from worker.backends.hf_batch_logprobs import head_only_applies
+from worker.backends.hf_common import alternatives_from_topk
+from worker.backends.hf_models import LoadedModel, load_model
+from worker.backends.hf_score import BatchBudget, score_batch
+
+TOL = 1e-5
+TEXTS = [
+    "Hi there",
+    "A " + "very " * 30 + "long sentence, longer than a chunk on its own.",
+    "Finn writes code",
+    "The quick brown fox jumps over the lazy dog while the farmer watches.",
+    "Short one.",
+    "Logprobs, losses and top-k alternatives: all of them per token, in float32.",
+    "ok then",  # two tokens: a single scored row
+]
+TOP_K = [5 if i % 2 else 0 for i in range(len(TEXTS))]
+
+
+@cache
+def loaded(path: str) -> LoadedModel:
+    return load_model(path, None, None, "cpu")
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model_path(request: pytest.FixtureRequest, tiny_models: dict) -> str:
+    return str(tiny_models[request.param])
+
+
+def alone(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """``log_softmax`` of one text's own forward pass: [len(ids) - 1, vocabulary]."""
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("head_only", [None, False], ids=["packed-head", "full-forward"])
+@pytest.mark.parametrize("chunk_rows", [None, 7], ids=["default-chunks", "7-row-chunks"])
+def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
+                                       chunk_rows: int | None) -> None:
+    lm = loaded(model_path)
+    assert head_only_applies(lm.model)  # so head_only=None takes the packed-head path
+    specs = [ScoreSpec(model=model_path, text=text, top_logprobs=k)
+             for text, k in zip(TEXTS, TOP_K, strict=True)]
+    outputs = score_batch(lm, specs, BatchBudget(tokens=10_000), chunk_rows=chunk_rows,
+                          head_only=head_only)
+    scored_rows = 0
+    for spec, out in zip(specs, outputs, strict=True):
+        assert not isinstance(out, Exception), out
+        assert out.provenance["batch_size"] == len(TEXTS)  # one forward pass for all
+        tokens = out.sequences[0].tokens
+        ids = [t.token_id for t in tokens]
+        logprobs = alone(lm, ids)
+        scored_rows += len(ids) - 1
+        got = torch.tensor([t.logprob for t in tokens[1:]])
+        want = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert tokens[0].logprob is None and tokens[0].top_logprobs == ()
+        assert torch.allclose(got, want, atol=TOL, rtol=0)
+        assert out.loss == pytest.approx(-want.double().mean().item(), abs=TOL)
+        for row, token in zip(logprobs, tokens[1:], strict=True):
+            if spec.top_logprobs == 0:
+                assert token.top_logprobs == ()
+                continue
+            top = torch.topk(row, spec.top_logprobs)
+            assert [a.token_id for a in token.top_logprobs] == top.indices.tolist()
+            assert [a.logprob for a in token.top_logprobs] == pytest.approx(
+                top.values.tolist(), abs=TOL)
+            assert [a.token for a in token.top_logprobs] == lm.tokenizer.batch_decode(
+                [[i] for i in top.indices.tolist()])
+    assert scored_rows > 64  # more than one chunk even at the CPU default
+
+
+def test_only_plain_heads_take_the_packed_path() -> None:
+    config = GPT2Config(vocab_size=50, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    assert head_only_applies(GPT2LMHeadModel(config))
+
+    class Subclass(GPT2LMHeadModel):  # may post-process logits in its own forward
+        pass
+
+    assert not head_only_applies(Subclass(config))
+    config.final_logit_softcapping = 30.0
+    assert not head_only_applies(GPT2LMHeadModel(config))
+
+
+def test_alternatives_from_topk_rows_of_any_length() -> None:
+    rows = alternatives_from_topk([[-0.5, float("-inf")], [], [-1.0]], [[7, 8], [], [9]],
+                                  ["seven", "eight", "nine"])
+    assert [[(a.token_id, a.token, a.logprob) for a in row] for row in rows] == [
+        [(7, "seven", -0.5)], [], [(9, "nine", -1.0)]]

@@ -1,0 +1,272 @@
+"""Per-token logprobs of a padded batch of texts, computed only where they are needed.
+
+A text of n ids is scored at positions 0..n-2 (each predicts the next token); the
+last position and the padding need no logits. Those rows are packed and run through
+the output layer and a float32 log-softmax a chunk at a time, so the
+[rows, vocabulary] logits never exist whole: the target token's logprob is gathered,
+and top-k values and ids are kept only for texts that asked for alternatives.
+
+Where the model's forward is exactly ``head(base_model(...).last_hidden_state)``
+(:data:`HEAD_ONLY_CLASSES`), the base model runs and only the packed hidden rows go
+through the head. Any other model runs its full forward and the needed logits rows
+are packed from its output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .hf_models import LoadedModel
+
+#: Packed rows per chunk of output layer + log-softmax, by device type. A GPU wants
+#: big kernels. On a CPU, few rows keep a chunk's float32 logits in cache for the
+#: log-softmax (64 x 50,257 x 4 bytes = 13 MB), but the matrix product of the output
+#: layer wants more rows as the hidden size grows: see :func:`default_chunk_rows`.
+#: A chunk's logits and log-softmax take rows x vocabulary x 8 bytes (10 in half
+#: precision) on top of the forward pass.
+DEFAULT_CHUNK_ROWS = {"cpu": 64, "mps": 1024, "cuda": 1024}
+#: Most rows per chunk on a CPU, however wide the model.
+CPU_MAX_CHUNK_ROWS = 512
+
+#: ``config.model_type`` -> the transformers class whose forward computes its logits
+#: as exactly ``lm_head(base_model(...).last_hidden_state)``, with no scaling or
+#: soft-capping after the head (read in transformers 5.24's modeling files).
+HEAD_ONLY_CLASSES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+#: Config fields by which other architectures post-process logits after the head
+#: (Gemma 2 soft-capping, Cohere/Granite scaling): a model setting any of them takes
+#: the full forward even if its class is listed above.
+LOGIT_POSTPROCESSING_FIELDS = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+)
+
+#: Logits of the packed rows ``[start, stop)``, on the device the output layer uses.
+LogitsOfRows = Callable[[int, int], torch.Tensor]
+
+
+@dataclass
+class TextLogprobs:
+    """One text's scores: the logprob of each token after the first and, if the text
+    asked for ``k`` alternatives, the top-k logprobs and token ids at each of those
+    positions (best first)."""
+
+    token_logprobs: list[float]
+    top_values: list[list[float]] | None = None
+    top_ids: list[list[int]] | None = None
+
+
+def head_only_applies(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s logits are its output layer applied to its base model's
+    last hidden state, with nothing after (see :data:`HEAD_ONLY_CLASSES`)."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    expected = HEAD_ONLY_CLASSES.get(model_type or "")
+    cls = type(model)
+    return (
+        expected is not None
+        and cls.__name__ == expected
+        and cls.__module__ == f"transformers.models.{model_type}.modeling_{model_type}"
+        and all(getattr(config, field, None) is None for field in LOGIT_POSTPROCESSING_FIELDS)
+    )
+
+
+def head_device(head: torch.nn.Module) -> torch.device:
+    """Where the output layer computes: its weight's device or, for a weight that
+    accelerate offloaded (on the meta device until its hook loads it), the hook's
+    execution device."""
+    weight = head.weight
+    if weight.device.type != "meta":
+        return weight.device
+    execution_device = getattr(getattr(head, "_hf_hook", None), "execution_device", None)
+    return torch.device(execution_device) if execution_device is not None else weight.device
+
+
+def default_chunk_rows(head: torch.nn.Module) -> int:
+    """Rows per chunk for the output layer ``head``: :data:`DEFAULT_CHUNK_ROWS` for its
+    device type; on a CPU, hidden size / 2 rows within 64..512 (measured on a 2-core
+    CPU: a 2-layer model of hidden size 64 is fastest at 32-64 rows, GPT-2 124M,
+    hidden size 768, at 256-1024)."""
+    device_type = head_device(head).type
+    rows = DEFAULT_CHUNK_ROWS.get(device_type, DEFAULT_CHUNK_ROWS["cuda"])
+    if device_type == "cpu":
+        rows = max(rows, min(head.weight.shape[-1] // 2, CPU_MAX_CHUNK_ROWS))
+    return rows
+
+
+def padded_batch(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """``batch`` right-padded (with EOS, else 0) as ``(input_ids, attention_mask)``."""
+    longest = max(len(ids) for ids in batch)
+    pad = lm.eos_token_id if lm.eos_token_id is not None else 0
+    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return input_ids.to(lm.device), mask.to(lm.device)
+
+
+def scored_positions(batch: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """Indices into the flattened ``[len(batch) * width]`` positions of the ones that
+    predict a token: positions 0..n-2 of each text of n ids, text after text."""
+    return torch.cat([
+        torch.arange(len(ids) - 1, dtype=torch.long) + row * width
+        for row, ids in enumerate(batch)
+    ])
+
+
+def is_plain_linear(head: torch.nn.Module) -> bool:
+    """Whether calling ``head`` is exactly ``x @ weight.T (+ bias)``: a bare
+    ``nn.Linear`` with no hooks (accelerate's offloading or placement, quantization)."""
+    return (
+        type(head) is torch.nn.Linear
+        and not head._forward_hooks
+        and not head._forward_pre_hooks
+        and not hasattr(head, "_hf_hook")
+        and head.weight.device.type != "meta"
+    )
+
+
+def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor,
+                     positions: torch.Tensor, chunk_rows: int) -> LogitsOfRows:
+    """Runs the base model; the output layer is applied later, to packed rows only
+    (a plain ``nn.Linear`` head writes every chunk into one reused buffer: fresh
+    vocabulary-sized tensors cost page faults on a CPU)."""
+    hidden = lm.model.base_model(
+        input_ids=input_ids, attention_mask=mask, use_cache=False
+    ).last_hidden_state
+    head = lm.model.get_output_embeddings()
+    packed = hidden.flatten(0, 1).index_select(0, positions.to(hidden.device))
+    packed = packed.to(head_device(head))
+    if not is_plain_linear(head):
+        return lambda start, stop: head(packed[start:stop])
+    weight_t, bias = head.weight.t(), head.bias
+    buffer = torch.empty((min(chunk_rows, packed.shape[0]), weight_t.shape[1]),
+                         dtype=packed.dtype, device=packed.device)
+
+    def logits(start: int, stop: int) -> torch.Tensor:
+        out = buffer[: stop - start]
+        if bias is None:
+            return torch.mm(packed[start:stop], weight_t, out=out)
+        return torch.addmm(bias, packed[start:stop], weight_t, out=out)
+
+    return logits
+
+
+def full_forward_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor,
+                        positions: torch.Tensor, chunk_rows: int) -> LogitsOfRows:
+    """Runs the whole model ([batch, length, vocabulary] logits); rows are packed
+    later, a chunk at a time, into one reused buffer."""
+    logits = lm.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)
+    on_device = positions.to(logits.device)
+    buffer = torch.empty((min(chunk_rows, on_device.shape[0]), logits.shape[-1]),
+                         dtype=logits.dtype, device=logits.device)
+    return lambda start, stop: torch.index_select(logits, 0, on_device[start:stop],
+                                                  out=buffer[: stop - start])
+
+
+@dataclass
+class PackedScores:
+    """Scores of all packed rows: the target's logprob per row, and where any row asked
+    for alternatives, the top ``k_max`` logprobs and ids per row (rows that did not
+    ask hold zeros)."""
+
+    token_logprobs: torch.Tensor  # [rows] float32, CPU
+    top_values: torch.Tensor | None  # [rows, k_max] float32, CPU
+    top_ids: torch.Tensor | None  # [rows, k_max] long, CPU
+
+
+def chunked_scores(logits_of: LogitsOfRows, targets: torch.Tensor, row_top_k: torch.Tensor,
+                   chunk_rows: int) -> PackedScores:
+    """Per chunk of packed rows: logits -> float32 log-softmax -> the target's logprob,
+    and top-k (values and ids) for the rows whose ``row_top_k`` is above 0."""
+    n_rows = targets.shape[0]
+    k_max = int(row_top_k.max()) if n_rows else 0
+    picked: list[torch.Tensor] = []
+    top_rows: list[torch.Tensor] = []
+    top_values: list[torch.Tensor] = []
+    top_ids: list[torch.Tensor] = []
+    buffer: torch.Tensor | None = None  # one for all chunks (see head_only_logits)
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        logits = logits_of(start, stop).float()
+        if buffer is None:
+            buffer = torch.empty((min(chunk_rows, n_rows), logits.shape[-1]),
+                                 dtype=torch.float32, device=logits.device)
+        logprobs = torch.log_softmax(logits, dim=-1, out=buffer[: stop - start])
+        device = logprobs.device
+        picked.append(logprobs.gather(1, targets[start:stop, None].to(device))[:, 0])
+        wanted = torch.nonzero(row_top_k[start:stop])[:, 0]
+        if len(wanted) == 0:
+            continue
+        rows = logprobs if len(wanted) == stop - start else logprobs.index_select(
+            0, wanted.to(device))
+        values, ids = torch.topk(rows, min(k_max, rows.shape[-1]), dim=-1)
+        top_rows.append(wanted + start)
+        top_values.append(values)
+        top_ids.append(ids)
+    token_logprobs = torch.cat(picked).cpu() if picked else torch.empty(0)
+    if not top_rows:
+        return PackedScores(token_logprobs, None, None)
+    k = top_values[0].shape[-1]
+    all_values = torch.zeros((n_rows, k), dtype=torch.float32)
+    all_ids = torch.zeros((n_rows, k), dtype=torch.long)
+    rows_index = torch.cat(top_rows)
+    all_values[rows_index] = torch.cat(top_values).cpu()
+    all_ids[rows_index] = torch.cat(top_ids).cpu()
+    return PackedScores(token_logprobs, all_values, all_ids)
+
+
+def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
+                         top_k: Sequence[int], *, chunk_rows: int | None = None,
+                         head_only: bool | None = None) -> list[TextLogprobs]:
+    """One right-padded forward pass over ``batch``; per text, the logprob of each
+    token after the first (``log_softmax(logits[i-1])[token_i]`` in float32) and, where
+    ``top_k`` asks, the top-k alternatives at each of those positions.
+
+    ``chunk_rows``: packed rows per chunk (default :func:`default_chunk_rows`).
+    ``head_only``: apply the output layer to the packed rows only (default: where
+    :func:`head_only_applies`); ``False`` forces the full forward.
+    """
+    if head_only is None:
+        head_only = head_only_applies(lm.model)
+    input_ids, mask = padded_batch(lm, batch)
+    positions = scored_positions(batch, input_ids.shape[1])
+    targets = torch.tensor([t for ids in batch for t in ids[1:]], dtype=torch.long)
+    row_top_k = torch.tensor([k for ids, k in zip(batch, top_k, strict=True)
+                              for _ in range(len(ids) - 1)], dtype=torch.long)
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(lm.model.get_output_embeddings())
+    with torch.inference_mode():
+        logits_of = (head_only_logits if head_only else full_forward_logits)(
+            lm, input_ids, mask, positions, chunk_rows)
+        scores = chunked_scores(logits_of, targets, row_top_k, chunk_rows)
+    return split_per_text(scores, [len(ids) - 1 for ids in batch], top_k)
+
+
+def split_per_text(scores: PackedScores, n_scored: Sequence[int],
+                   top_k: Sequence[int]) -> list[TextLogprobs]:
+    """The packed rows back into texts (``n_scored[i]`` rows each, text after text),
+    each text's alternatives cut to its own ``top_k``."""
+    token_logprobs = scores.token_logprobs.tolist()
+    values = scores.top_values.tolist() if scores.top_values is not None else None
+    ids = scores.top_ids.tolist() if scores.top_ids is not None else None
+    results = []
+    start = 0
+    for n, k in zip(n_scored, top_k, strict=True):
+        stop = start + n
+        text = TextLogprobs(token_logprobs[start:stop])
+        if k and values is not None and ids is not None:
+            text.top_values = [row[:k] for row in values[start:stop]]
+            text.top_ids = [row[:k] for row in ids[start:stop]]
+        results.append(text)
+        start = stop
+    return results

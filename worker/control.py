@@ -25,7 +25,7 @@ from api_client.constants import LIVE_KEY_TTL, cancel_key, progress_key
 log = logging.getLogger(__name__)
 
 #: How often the monitor thread looks at the cancel flag (seconds).
-CANCEL_POLL_INTERVAL = float(os.environ.get("LOGPROBE_CANCEL_POLL_SECONDS", "0.02"))
+CANCEL_POLL_INTERVAL = float(os.environ.get("LOGPROBE_CANCEL_POLL_SECONDS", "0.05"))
 #: How often it writes progress to Redis (seconds).
 PROGRESS_INTERVAL = float(os.environ.get("LOGPROBE_PROGRESS_SECONDS", "0.5"))
 #: A running job whose heartbeat is younger than this is alive (seconds).
@@ -111,8 +111,12 @@ class Monitor:
         self._thread: threading.Thread | None = None
 
     def _poll_cancel_flags(self) -> None:
-        flags = _read_cancel_flags(self.redis, [control.job_id for control in self.controls])
-        for control, flagged in zip(self.controls, flags, strict=True):
+        running = [control for control in self.controls if not control._cancel.is_set()]
+        # One EXISTS over all flags (almost always 0); only then which ones.
+        if not running or not self.redis.exists(*(cancel_key(c.job_id) for c in running)):
+            return
+        flags = _read_cancel_flags(self.redis, [control.job_id for control in running])
+        for control, flagged in zip(running, flags, strict=True):
             if flagged:
                 control._cancel.set()
 

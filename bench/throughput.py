@@ -5,7 +5,9 @@ defaults, random weights, the offline GPT-2 tokenizer), every method scoring the
 same tokens (BOS prepended, every text token scored):
 
 - bare batched forward: ``model(input_ids, attention_mask)`` on logprobe's own
-  length-bucketed batches, nothing else (the ceiling);
+  length-bucketed batches, full [batch, length, vocabulary] logits, nothing else
+  (the reference: logprobe computes logits only for scored positions, so its math
+  can match or beat this);
 - notebook loop: one ``model(ids, labels=ids)`` per text, then a log-softmax;
 - lm-evaluation-harness ``HFLM.loglikelihood_rolling`` at several batch sizes;
 - logprobe end to end: ``score_many`` -> Redis -> a real worker -> every token row
@@ -115,8 +117,8 @@ def lm_eval_rolling(lm: Any, texts: list[str]) -> float:
 def wait_all_succeeded(client: Any, sweep_id: str, n: int, timeout: float = 3600) -> None:
     """Poll (every 50 ms, one indexed query on jobs.sweep_id) until n jobs finished.
 
-    Polling costs CPU the worker's 2-thread matrix products share (10 ms polls were
-    measurably slower); 50 ms adds at most 50 ms to a run."""
+    Each poll costs CPU (here and in PostgreSQL) that the worker's 2-thread matrix
+    products share on a 2-core machine; 50 ms adds at most 50 ms to a run."""
     from sqlalchemy import func, select
 
     from api_client.schema import Job, JobStatus

@@ -144,8 +144,8 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
 
     ``items`` are ``{"id", "spec", "time_limit"?}``. Claiming is one Redis round trip
     (jobs another live process is running are left to it), one SQL transaction, and
-    one more round trip for cancel flags: a job cancelled before it was claimed is
-    cancelled without running.
+    one more round trip for cancel flags: a job whose flag is set when it is claimed
+    is cancelled without running.
     """
     state = process_state()
     items = list(items)

@@ -20,13 +20,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api_client import Client, JobStatus, SpecError
-from api_client.constants import model_queue
+from api_client.constants import ENV_MAX_LOGITS_BYTES, model_queue
 from tests.faults import LimitedWorkerProcess, wait_until
 from tests.helpers import logprobe_command, subprocess_env
 
 PROMPT = "Once upon a time"
 SECRET = "hf_testsecret_doNotStore_4242"
 MEMORY_LIMIT = 3_000_000_000  # bytes of data segment for the worker processes
+MAX_LOGITS_BYTES = 8_000_000_000  # above MEMORY_LIMIT: the out-of-memory probe asks for more
 
 
 @cache
@@ -67,7 +68,8 @@ def lj_worker(module_database_url: str, redis_url: str,
         log_dir=tmp_path_factory.mktemp("worker-logs"),
         # One intra-op thread: on a small, shared CI machine, OpenMP threads spinning
         # against other processes make a 0.1 s tensor op take seconds at random.
-        env={"HF_TOKEN": SECRET, "OMP_NUM_THREADS": "1"},
+        env={"HF_TOKEN": SECRET, "OMP_NUM_THREADS": "1",
+             ENV_MAX_LOGITS_BYTES: str(MAX_LOGITS_BYTES)},
         prefix=["prlimit", f"--data={MEMORY_LIMIT}:"],
     )
     worker.start()
@@ -165,9 +167,19 @@ def test_time_limit_stops_the_job_with_a_clear_error(lj_client: Client, long_gpt
 
 
 def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(
-        lj_client: Client, long_gpt2: str, lj_worker: LimitedWorkerProcess) -> None:
-    huge = lj_client.score(token_ids=[(i * 7919) % 50000 for i in range(16000)], model=long_gpt2)
-    assert huge.wait(timeout=120) is JobStatus.FAILED
+        lj_client: Client, long_gpt2: str, lj_worker: LimitedWorkerProcess,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    long_ids = [(i * 7919) % 50000 for i in range(16000)]
+    # Scoring never holds [tokens, vocabulary] logits (the output layer runs a chunk of
+    # rows at a time): 16,000 tokens fit in the worker's 3 GB.
+    fits = lj_client.score(token_ids=long_ids, model=long_gpt2)
+    assert fits.wait(timeout=120) is JobStatus.SUCCEEDED, fits.info()["error"]
+    assert fits.info()["num_scored_tokens"] == 15_999
+    # Asking for all the logits does hold them: 16,000 x 50,257 float32 = 3.2 GB.
+    monkeypatch.setenv(ENV_MAX_LOGITS_BYTES, str(MAX_LOGITS_BYTES))
+    with lj_worker.client() as client:
+        huge = client.score(token_ids=long_ids, model=long_gpt2, return_logits=True)
+        assert huge.wait(timeout=120) is JobStatus.FAILED
     info = huge.info()
     assert info["error_type"] == "OutOfMemory", info["error"]
     assert info["error"].startswith("out of memory on this machine")

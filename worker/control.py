@@ -4,7 +4,7 @@ The runner gives each running job a :class:`JobControl`. A backend asks for the
 control of the spec it is running (:func:`control_for`), calls :meth:`begin` /
 :meth:`advance` as it makes progress, and :meth:`should_stop` once per decoding
 step. That call only reads an event and the clock: a background thread does the
-Redis work (polling the cancel flag every few milliseconds, writing progress a few
+Redis work (polling the cancel flags every 50 ms, writing progress a few
 times a second), so checking costs the decoding loop nothing.
 """
 

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from api_client.determinism import output_hash
-from api_client.schema import Artifact, Job, JobStatus, Token, TopLogprob
+from api_client.schema import Job, JobStatus, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
 
 from .backends.base import ProbeOutput
@@ -27,6 +27,7 @@ from .output_rows import (
     SEQUENCE_COLUMNS,
     TOKEN_COLUMNS,
     TOP_COLUMNS,
+    delete_rows,
     insert_rows,
     output_rows,
 )
@@ -99,8 +100,7 @@ def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
         todo_ids = [job_id for job_id, _ in todo]
         retried = [job_id for job_id in todo_ids if attempts[job_id] > 1]
         if retried:  # rows an earlier attempt may have left (first attempts have none)
-            for table in (TopLogprob, Token, SequenceRow, Artifact):
-                session.execute(delete(table.__table__).where(table.job_id.in_(retried)))
+            delete_rows(session, retried)
         rows = output_rows(todo)
         insert_rows(session, SequenceRow, SEQUENCE_COLUMNS, rows.sequences)
         insert_rows(session, Token, TOKEN_COLUMNS, rows.tokens)

@@ -10,8 +10,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 from sqlalchemy.orm import Session
+
+from api_client.schema import Artifact, Token, TopLogprob
+from api_client.schema import Sequence as SequenceRow
 
 from .backends.base import ProbeOutput
 
@@ -74,3 +77,10 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
                 copy.write_row(row)
         return
     connection.execute(insert(model), [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def delete_rows(session: Session, job_ids: Sequence[str]) -> None:
+    """Remove every result row (top-k, tokens, sequences, artifacts) of ``job_ids`` in
+    the session's transaction: what an earlier attempt of a job may have left."""
+    for table in (TopLogprob, Token, SequenceRow, Artifact):
+        session.execute(delete(table.__table__).where(table.job_id.in_(list(job_ids))))

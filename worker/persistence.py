@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import delete, insert, update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from api_client.determinism import output_hash
@@ -21,6 +21,7 @@ from .output_rows import (
     SEQUENCE_COLUMNS,
     TOKEN_COLUMNS,
     TOP_COLUMNS,
+    delete_rows,
     insert_rows,
     output_rows,
 )
@@ -33,11 +34,6 @@ _UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _clear_rows(session: Session, job_id: str) -> None:
-    for table in (TopLogprob, Token, Sequence, Artifact):
-        session.execute(delete(table).where(table.job_id == job_id))
 
 
 def store_output(session: Session, job_id: str, output: ProbeOutput, *,
@@ -55,7 +51,7 @@ def store_output(session: Session, job_id: str, output: ProbeOutput, *,
         job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.status is not JobStatus.RUNNING:
             return False
-        _clear_rows(session, job_id)
+        delete_rows(session, [job_id])
         insert_rows(session, Sequence, SEQUENCE_COLUMNS, rows.sequences)
         insert_rows(session, Token, TOKEN_COLUMNS, rows.tokens)
         insert_rows(session, TopLogprob, TOP_COLUMNS, rows.alternatives)

@@ -7,11 +7,15 @@ same tokens (BOS prepended, every text token scored):
 - bare batched forward: ``model(input_ids, attention_mask)`` on logprobe's own
   length-bucketed batches, full [batch, length, vocabulary] logits, nothing else
   (the reference: logprobe computes logits only for scored positions, so its math
-  can match or beat this);
+  can match or beat this); once with the stock transformers model, once with the
+  model as the worker loads it (fused GELU kernel);
 - notebook loop: one ``model(ids, labels=ids)`` per text, then a log-softmax;
 - lm-evaluation-harness ``HFLM.loglikelihood_rolling`` at several batch sizes;
 - logprobe end to end: ``score_many`` -> Redis -> a real worker -> every token row
   committed in PostgreSQL.
+
+The baselines run the stock model (``AutoModelForCausalLM.from_pretrained``), as a
+notebook or lm-evaluation-harness would.
 
 Methods run interleaved, ``--repeats`` rounds; the table shows medians. Then tiny
 probes (a 2-layer model, <= 16 tokens) end to end against a trivial Celery task
@@ -182,6 +186,8 @@ def start_worker(kind: str, queue: str, redis_url: str, database_url: str, log_d
 # --- sections -----------------------------------------------------------------------------
 
 def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: str) -> None:
+    from transformers import AutoModelForCausalLM
+
     from api_client import Client
     from api_client.specs import ScoreSpec
     from worker.backends.hf_models import load_model
@@ -190,8 +196,8 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
 
     texts = paragraphs(args.texts)
     model_dir = str(build_gpt2_124m(tmp / "gpt2-124m"))
-    lm = load_model(model_dir, None, None, "cpu")
-    model, tok = lm.model, lm.tokenizer
+    lm = load_model(model_dir, None, None, "cpu")  # as the worker loads it
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), lm.tokenizer
     bos = lm.bos_token_id
     id_lists = [[bos, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
     n_tokens = sum(len(ids) - 1 for ids in id_lists)
@@ -208,6 +214,8 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
         methods: dict[str, Callable[[], Any]] = {
             "bare batched forward (logits only)":
                 lambda: bare_batched_forward(model, id_lists, plan, bos),
+            "bare batched forward, worker's model (fused GELU; logits only)":
+                lambda: bare_batched_forward(lm.model, id_lists, plan, bos),
             "notebook loop (model(ids, labels=ids) + log_softmax)":
                 lambda: notebook_loop(model, id_lists),
         }
@@ -248,7 +256,7 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     baselines = [n for n in med if n.startswith(("notebook", "lm-eval"))]
     best = min(baselines, key=lambda n: med[n])
-    bare = next(n for n in med if n.startswith("bare"))
+    bare = next(n for n in med if n.startswith("bare"))  # the stock model
     print(f"\n### Scoring: {len(texts)} paragraphs, {n_tokens} tokens, GPT-2 124M shape, CPU\n")
     print("| method | median s | tokens/s | vs best baseline | vs bare forward |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -99,3 +99,23 @@ def test_alternatives_from_topk_rows_of_any_length() -> None:
                                   ["seven", "eight", "nine"])
     assert [[(a.token_id, a.token, a.logprob) for a in row] for row in rows] == [
         [(7, "seven", -0.5)], [], [(9, "nine", -1.0)]]
+
+
+def test_fused_activations_match_the_stock_model(tiny_models: dict) -> None:
+    """The worker loads GPT-2 with the fused tanh-GELU kernel; its logprobs equal the
+    stock transformers model's within float32 rounding, and with fused activations
+    off the model is the stock one, bit for bit."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    path = str(tiny_models["gpt2"])
+    stock = GPT2LMHeadModel.from_pretrained(path).eval()
+    fused = load_model(path, None, None, "cpu")
+    plain = load_model(path, None, None, "cpu", fused_activations=False)
+    assert {type(block.mlp.act) for block in stock.transformer.h} == {NewGELUActivation}
+    assert {type(block.mlp.act) for block in fused.model.transformer.h} == {GELUTanh}
+    assert {type(block.mlp.act) for block in plain.model.transformer.h} == {NewGELUActivation}
+    ids = fused.tokenizer(TEXTS[1])["input_ids"]
+    with torch.inference_mode():
+        want = torch.log_softmax(stock(torch.tensor([ids])).logits[0], dim=-1)
+    assert torch.equal(alone(plain, ids), want[:-1])
+    assert torch.allclose(alone(fused, ids), want[:-1], atol=TOL, rtol=0)

@@ -15,6 +15,8 @@ class WorkerOptions:
     max_models: int = 1
     max_attempts: int = 3
     deterministic: bool = False
+    #: Fused kernels for activations transformers writes in Python (GPT-2's GELU).
+    fused_activations: bool = True
 
     @classmethod
     def from_env(cls) -> WorkerOptions:
@@ -22,4 +24,6 @@ class WorkerOptions:
             max_models=int(os.environ.get("LOGPROBE_MAX_MODELS", "1")),
             max_attempts=int(os.environ.get("LOGPROBE_MAX_ATTEMPTS", "3")),
             deterministic=_env_flag("LOGPROBE_DETERMINISTIC"),
+            fused_activations=os.environ.get("LOGPROBE_FUSED_ACTIVATIONS", "1").strip().lower()
+            not in ("0", "false", "no", "off"),
         )

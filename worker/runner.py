@@ -81,7 +81,8 @@ class ProcessState:
     def backend_options(self, name: str) -> dict[str, Any]:
         if name == "hf":
             return {"max_models": self.options.max_models,
-                    "deterministic": self.options.deterministic}
+                    "deterministic": self.options.deterministic,
+                    "fused_activations": self.options.fused_activations}
         return {}
 
 

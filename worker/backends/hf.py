@@ -40,10 +40,11 @@ def enable_determinism() -> None:
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, *, max_models: int = 1, deterministic: bool = False) -> None:
+    def __init__(self, *, max_models: int = 1, deterministic: bool = False,
+                 fused_activations: bool = True) -> None:
         if deterministic:
             enable_determinism()
-        self.models = ModelCache(max_models)
+        self.models = ModelCache(max_models, fused_activations=fused_activations)
         #: Score probes on the same model run batched within this many padded tokens.
         device = auto_device().split(":")[0]
         self.batch_budget = BatchBudget(tokens=int(

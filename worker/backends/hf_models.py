@@ -25,6 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from api_client.errors import ModelLoadError
 
+from .fused_activations import use_fused_activations
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {
@@ -157,7 +159,11 @@ def _without_token(text: str) -> str:
 
 
 def load_model(name: str, revision: str | None, dtype: str | None, device: str,
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | None = None, *, fused_activations: bool = True) -> LoadedModel:
+    """Load ``name`` (a hub name or a local directory) for serving.
+
+    ``fused_activations``: replace Python-written activations by their fused kernels
+    (:mod:`.fused_activations`; results equal within float32 rounding)."""
     torch_dtype = _DTYPES.get(dtype or "float32", "auto")
     local_dir = Path(name).expanduser()
     source = str(local_dir) if local_dir.is_dir() else name
@@ -186,6 +192,8 @@ def load_model(name: str, revision: str | None, dtype: str | None, device: str,
         target = torch.device(device)
         model.to(target)
     model.eval()
+    if fused_activations and (replaced := use_fused_activations(model)):
+        log.info("%s: %d activations use the fused tanh-GELU kernel", name, replaced)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None
@@ -209,10 +217,11 @@ def load_model(name: str, revision: str | None, dtype: str | None, device: str,
 class ModelCache:
     """The models this worker process keeps loaded, least recently used evicted first."""
 
-    def __init__(self, max_models: int = 1) -> None:
+    def __init__(self, max_models: int = 1, *, fused_activations: bool = True) -> None:
         if max_models < 1:
             raise ValueError("max_models must be at least 1")
         self.max_models = max_models
+        self.fused_activations = fused_activations
         self._models: OrderedDict[tuple[str, str | None, str, str], LoadedModel] = OrderedDict()
 
     def get(self, name: str, revision: str | None, dtype: str | None,
@@ -225,7 +234,8 @@ class ModelCache:
         while len(self._models) >= self.max_models:
             self._evict_oldest()
         log.info("loading model %s (revision=%s, dtype=%s, device=%s)", *key)
-        loaded = load_model(name, revision, dtype, key[3], device_map=device_map)
+        loaded = load_model(name, revision, dtype, key[3], device_map=device_map,
+                            fused_activations=self.fused_activations)
         self._models[key] = loaded
         return loaded
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .artifacts import EMBEDDINGS_DIR, ArtifactStore, embedding_array
 from .broker import (
-    default_job_time_limit,
     hard_limit_grace,
     make_celery,
     max_job_time_limit,
@@ -147,15 +147,18 @@ class Client:
         time_limit: int | None = None, chunk_size: int | None = None,
         sweep_id: str | None = None,
     ) -> list[JobHandle]:
-        """Validate every spec, write the job rows in one transaction, then enqueue.
+        """Validate every spec, then, message by message, write its jobs' rows (one
+        transaction) and send it: a worker starts on the first message while later
+        ones are still being written.
 
         ``time_limit``: seconds each job may run before the worker stops it (default
         ``LOGPROBE_JOB_TIME_LIMIT`` or 6 h; at most :func:`~api_client.broker.max_job_time_limit`,
         below the broker's visibility timeout). Jobs go to the broker ``chunk_size``
         (default ``self.chunk_size``) to a message, grouped by queue and model, so a
         worker can batch them. Nothing is written if any spec is invalid
-        (:class:`SpecError`). If the broker cannot be reached, the rows are removed
-        again and the error raised.
+        (:class:`SpecError`). If a write fails or the broker cannot be reached, the
+        rows written so far are removed again (a worker that already took one of
+        their messages finds no job and skips it) and the error raised.
         """
         check_time_limit(time_limit)
         parsed = [parse_spec(s) for s in specs]
@@ -183,38 +186,58 @@ class Client:
         ]
         if not rows:
             return []
-        with self.session() as session, session.begin():
-            session.connection().execute(Job.__table__.insert(), rows)
+        by_id = {row["id"]: row for row in rows}
+        written: list[str] = []
         try:
-            self._enqueue(rows, chunk_size or self.chunk_size)
-        except Exception as exc:
-            with self.session() as session, session.begin():
-                session.execute(delete(Job).where(Job.id.in_([r["id"] for r in rows])))
-            raise ConfigError(
-                f"could not send the jobs to the broker at "
-                f"{mask_url(self.settings.redis_url or '') or 'the embedded Redis'}: {exc}; "
-                "check LOGPROBE_REDIS_URL and that Redis is running"
-            ) from exc
+            with ExitStack() as stack:
+                session = stack.enter_context(self.session())
+                try:
+                    producer = stack.enter_context(self.celery.producer_or_acquire())
+                except Exception as exc:
+                    raise self._broker_error(exc) from exc
+                for queue_name, items in chunk_messages(rows, chunk_size or self.chunk_size):
+                    with session.begin():
+                        session.connection().execute(
+                            Job.__table__.insert(), [by_id[item["id"]] for item in items])
+                    written.extend(item["id"] for item in items)
+                    try:
+                        self._send(producer, queue_name, items)
+                    except Exception as exc:
+                        raise self._broker_error(exc) from exc
+        except BaseException:
+            if written:
+                with self.session() as session, session.begin():
+                    session.execute(delete(Job).where(Job.id.in_(written)))
+            raise
         return [JobHandle(self, row["id"]) for row in rows]
 
     def _enqueue(self, rows: Sequence[Mapping[str, Any]], chunk_size: int = 1) -> None:
+        """Send messages for jobs whose rows exist already (``requeue``)."""
         with self.celery.producer_or_acquire() as producer:
-            limits = {row["id"]: row["time_limit"] or default_job_time_limit() for row in rows}
             for queue_name, items in chunk_messages(rows, chunk_size):
-                for item in items:
-                    item["time_limit"] = limits[item["id"]]
-                # Each job checks its own limit at every decoding step; Celery's soft and
-                # hard limits on the message (its jobs' limits together, below the
-                # visibility timeout) follow a little later as a backstop.
-                limit = min(sum(limits[item["id"]] for item in items), max_job_time_limit())
-                self.celery.send_task(
-                    TASK_RUN_PROBES,
-                    args=[{"jobs": items}],
-                    queue=queue_name,
-                    producer=producer,
-                    soft_time_limit=limit + soft_limit_grace(limit),
-                    time_limit=limit + hard_limit_grace(limit),
-                )
+                self._send(producer, queue_name, items)
+
+    def _broker_error(self, exc: Exception) -> ConfigError:
+        return ConfigError(
+            f"could not send the jobs to the broker at "
+            f"{mask_url(self.settings.redis_url or '') or 'the embedded Redis'}: {exc}; "
+            "check LOGPROBE_REDIS_URL and that Redis is running")
+
+    def _send(self, producer: Any, queue_name: str, items: list[dict[str, Any]]) -> None:
+        """One ``run_probes`` message for ``items`` (``{"id", "spec", "time_limit"}``
+        each, from :func:`chunk_messages`)."""
+        # Each job checks its own limit at every decoding step; Celery's soft and hard
+        # limits on the message (its jobs' limits together, below the visibility
+        # timeout) follow a little later as a backstop.
+        limit = min(sum(item["time_limit"] for item in items), max_job_time_limit())
+        self.celery.send_task(
+            TASK_RUN_PROBES,
+            args=[{"jobs": items}],
+            queue=queue_name,
+            producer=producer,
+            soft_time_limit=limit + soft_limit_grace(limit),
+            time_limit=limit + hard_limit_grace(limit),
+        )
 
     def score(
         self,
@@ -247,11 +270,13 @@ class Client:
 
     def score_many(
         self, texts: Iterable[str], *, model: str, queue: str | None = None,
-        time_limit: int | None = None, **options: Any
+        time_limit: int | None = None, chunk_size: int | None = None, **options: Any
     ) -> list[JobHandle]:
-        """Score many texts with the same options: one job each, submitted together."""
+        """Score many texts with the same options: one job each, submitted together
+        (``chunk_size`` jobs to a message, as in :meth:`submit_many`)."""
         specs = [make_spec("score", text=t, model=model, **options) for t in texts]
-        return self.submit_many(specs, queue=queue, time_limit=time_limit)
+        return self.submit_many(specs, queue=queue, time_limit=time_limit,
+                                chunk_size=chunk_size)
 
     def generate(
         self,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from .broker import default_job_time_limit
 from .errors import JobTimeout, SpecError
 from .jobs import JobHandle
 from .results import ProbeResult, read_result
@@ -41,14 +42,17 @@ _MAX_POLL_INTERVAL = 0.5
 def chunk_messages(
     rows: Sequence[Mapping[str, Any]], chunk_size: int
 ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """``(queue, [{"id", "spec"}, ...])`` per message, from new job rows' column values:
-    same queue and model, in order."""
+    """``(queue, [{"id", "spec", "time_limit"}, ...])`` per message, from job rows'
+    column values: same queue and model, in order. A job without a time limit of its
+    own gets the default (:func:`~api_client.broker.default_job_time_limit`)."""
     if chunk_size < 1:
         raise SpecError(f"chunk_size must be at least 1, got {chunk_size}")
+    default_limit = default_job_time_limit()
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["queue"], row["model"]), []).append(
-            {"id": row["id"], "spec": row["spec"]})
+            {"id": row["id"], "spec": row["spec"],
+             "time_limit": row.get("time_limit") or default_limit})
     for (queue, _model), items in groups.items():
         for start in range(0, len(items), chunk_size):
             yield queue, items[start : start + chunk_size]

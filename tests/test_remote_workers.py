@@ -237,3 +237,27 @@ def test_background_worker_that_cannot_start_reports_its_log(tmp_path: Path) -> 
     with pytest.raises(RuntimeError, match="invalid choice: 'nope'"):
         start_worker(backend="nope", env=subprocess_env(), log_path=tmp_path / "w.log",
                      timeout=60)
+
+
+def test_broker_refusing_a_later_message_leaves_no_job_rows(password_redis: str,
+                                                             tiny_gpt2: str,
+                                                             tmp_path: Path) -> None:
+    """``submit_many`` writes and sends message by message; when Redis refuses one
+    (out of memory, ``noeviction``) after accepting the first, every row written so
+    far is removed again and the caller gets the broker's reason."""
+    from api_client.database import upgrade_schema
+
+    database = f"sqlite:///{tmp_path / 'results.db'}"
+    upgrade_schema(database)
+    server = redis.Redis.from_url(password_redis)
+    used = int(server.info("memory")["used_memory"])
+    server.config_set("maxmemory-policy", "noeviction")
+    server.config_set("maxmemory", used + 400_000)  # room for a few 60 KB messages
+    texts = [f"{i} " + "word " * 12_000 for i in range(40)]
+    with Client(redis_url=password_redis, database_url=database, queue="q") as c:
+        with pytest.raises(ConfigError, match="maxmemory") as err:
+            c.score_many(texts, model=tiny_gpt2, chunk_size=1)
+        assert "check LOGPROBE_REDIS_URL" in str(err.value)
+        assert c.sql("SELECT COUNT(*) AS n FROM jobs").iloc[0]["n"] == 0
+    sent = server.llen("q")
+    assert 0 < sent < len(texts)  # some messages went before the broker refused one

@@ -30,9 +30,14 @@ from .hf_models import LoadedModel
 log = logging.getLogger(__name__)
 
 
-def score_ids(lm: LoadedModel, spec: ScoreSpec) -> list[int]:
+def score_ids(lm: LoadedModel, spec: ScoreSpec, text_ids: Sequence[int] | None = None
+              ) -> list[int]:
+    """The ids a score probe scores: its ``token_ids``, or its text's tokens
+    (``text_ids`` if the caller tokenized it already), after BOS if asked."""
     if spec.token_ids is not None:
         ids = list(spec.token_ids)
+    elif text_ids is not None:
+        ids = list(text_ids)
     else:
         ids = lm.tokenizer(spec.text, add_special_tokens=False)["input_ids"]
     if spec.prepend_bos:
@@ -157,9 +162,13 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
     budget = budget or BatchBudget()
     outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
     prepared: list[tuple[int, list[int]]] = []
+    with_text = [i for i, spec in enumerate(specs) if spec.token_ids is None and spec.text]
+    text_ids = dict(zip(with_text, lm.tokenizer(  # one call for all: the tokenizer's batch
+        [specs[i].text for i in with_text], add_special_tokens=False)["input_ids"],
+        strict=True)) if with_text else {}
     for index, spec in enumerate(specs):
         try:
-            ids = score_ids(lm, spec)
+            ids = score_ids(lm, spec, text_ids.get(index))
             check_ids(lm, ids, "the scored text")
             prepared.append((index, ids))
         except Exception as exc:

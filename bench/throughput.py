@@ -175,11 +175,12 @@ def rss_of_children(pid: int) -> int:
 
 
 def start_worker(kind: str, queue: str, redis_url: str, database_url: str, log_dir: Path,
-                 **env: str) -> Any:
+                 extra_args: list[str] | None = None, **env: str) -> Any:
     from tests.helpers import WorkerProcess
 
     worker = WorkerProcess(backend=kind, queue=queue, redis_url=redis_url,
-                           database_url=database_url, log_dir=log_dir, env=env)
+                           database_url=database_url, log_dir=log_dir,
+                           extra_args=extra_args or [], env=env)
     return worker.start(timeout=180)
 
 
@@ -273,22 +274,16 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
 
 
 def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: str) -> None:
-    import redis
-
     from api_client import Client
     from api_client.specs import ScoreSpec
-    from bench import celery_noop
-    from tests.helpers import REPO_ROOT, subprocess_env
     from tests.tiny_models import build_gpt2
     from worker.backends.hf_models import load_model
     from worker.backends.hf_score import BatchBudget, score_batch
 
     model_dir = str(build_gpt2(tmp / "tiny-gpt2"))
-    # The model math alone, in this process: the ceiling for end to end.
+    # The model math alone, in this process (torch's default threads): the ceiling.
     lm = load_model(model_dir, None, None, "cpu")
     compute: list[float] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the worker below: tiny ops lose to thread hand-offs
     for round_ in range(args.repeats):
         specs = [ScoreSpec(model=model_dir, text=t)
                  for t in tiny_texts(args.tiny, seed=100 + round_)]
@@ -297,39 +292,17 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
             score_batch(lm, specs[i : i + 64], BatchBudget())
         compute.append(len(specs) / (time.perf_counter() - start))
         log(f"tiny compute round {round_ + 1}: {compute[-1]:.0f} probes/s")
-    torch.set_num_threads(threads)
     del lm
-    worker = start_worker("hf", f"bench.tiny.{uuid.uuid4().hex[:6]}", redis_url, db_url,
-                          tmp / "logs", OMP_NUM_THREADS="1")
-    client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
-    results: dict[str, list[float]] = {"logprobe": [], "celery": [], "small": []}
+
+    results: dict[str, list[float]] = {"logprobe": [], "logprobe2": [], "small": []}
     memory: list[tuple[float, int]] = []
+    # One worker, its defaults: one pool process, torch's default threads.
+    worker = start_worker("hf", f"bench.tiny.{uuid.uuid4().hex[:6]}", redis_url, db_url,
+                          tmp / "logs")
+    client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
     try:
-        warm = client.sweep(tiny_texts(500, seed=9), models=[model_dir], reuse=False)
-        wait_all_succeeded(client, warm.id, len(warm))
-        for round_ in range(args.repeats):
-            texts = tiny_texts(args.tiny, seed=100 + round_)
-            start = time.perf_counter()
-            sweep = client.sweep(texts, models=[model_dir], reuse=False)
-            wait_all_succeeded(client, sweep.id, len(texts))
-            results["logprobe"].append(len(texts) / (time.perf_counter() - start))
-            log(f"tiny round {round_ + 1}: {results['logprobe'][-1]:.0f} probes/s")
-
-        # Memory over a long sweep.
-        baseline = rss_of_children(worker.process.pid)
-        start = time.perf_counter()
-        sweep = client.sweep(tiny_texts(args.memory_probes, seed=7), models=[model_dir],
-                             reuse=False)
-        while True:
-            memory.append((time.perf_counter() - start, rss_of_children(worker.process.pid)))
-            progress = sweep.progress()
-            if progress["finished"] >= progress["total"]:
-                break
-            time.sleep(0.5)
-        sweep_seconds = time.perf_counter() - start
-        memory.append((sweep_seconds, rss_of_children(worker.process.pid)))
-        assert progress["succeeded"] == args.memory_probes, progress
-
+        _tiny_rounds(args, client, model_dir, results["logprobe"], "one pool process")
+        memory, baseline, sweep_seconds = _memory_sweep(args, client, model_dir, worker)
         # The queue and SQL path alone: the same probes on a 1,024-token vocabulary.
         import random
 
@@ -348,54 +321,44 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     finally:
         client.close()
         worker.stop()
-
-    # The trivial Celery task, one per probe.
-    env = subprocess_env(BENCH_REDIS_URL=redis_url)
-    noop_log = (tmp / "logs" / "noop.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench.celery_noop", "worker", "-Q",
-         celery_noop.QUEUE, "-c", "1", "--pool", "prefork", "--without-gossip",
-         "--without-mingle", "-n", f"noop-{uuid.uuid4().hex[:6]}@bench", "-l", "warning"],
-        cwd=REPO_ROOT, env=env, stdout=noop_log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    counter = redis.Redis.from_url(redis_url)
+    # One worker with two pool processes of one thread each (one per core).
+    worker = start_worker("hf", f"bench.tiny2.{uuid.uuid4().hex[:6]}", redis_url, db_url,
+                          tmp / "logs", extra_args=["--concurrency", "2"],
+                          OMP_NUM_THREADS="1")
+    client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
     try:
-        app = celery_noop.make_celery(redis_url, name="bench-noop-sender")
-        counter.set(celery_noop.COUNTER_KEY, 0)
-        app.send_task(celery_noop.TASK, args=["warm"], queue=celery_noop.QUEUE)
-        _wait_counter(counter, 1)
-        for _ in range(args.repeats):
-            counter.set(celery_noop.COUNTER_KEY, 0)
-            start = time.perf_counter()
-            with app.producer_or_acquire() as producer:
-                for i in range(args.tiny):
-                    app.send_task(celery_noop.TASK, args=[str(i)], queue=celery_noop.QUEUE,
-                                  producer=producer)
-            _wait_counter(counter, args.tiny)
-            results["celery"].append(args.tiny / (time.perf_counter() - start))
-            log(f"celery noop: {results['celery'][-1]:.0f} tasks/s")
-        app.close()
+        _tiny_rounds(args, client, model_dir, results["logprobe2"], "two pool processes")
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
-        counter.close()
+        client.close()
+        worker.stop()
+    celery = {c: _celery_noop_rates(args, tmp, redis_url, concurrency=c) for c in (1, 2)}
 
-    ours = statistics.median(results["logprobe"])
-    theirs = statistics.median(results["celery"])
-    print(f"\n### Tiny probes: {args.tiny} score probes of <= 16 tokens, 2-layer GPT-2, "
-          "one worker process (OMP_NUM_THREADS=1)\n")
-    print("| method | median probes/s | ratio |")
+    print(f"\n### Tiny probes: {args.tiny} score probes of <= 16 tokens, 2-layer GPT-2 "
+          "(GPT-2's 50,257-token vocabulary), one worker\n")
+    print("| method | median probes/s | vs Celery no-op, same pool |")
     print("| --- | ---: | ---: |")
-    print(f"| trivial Celery task, one per probe (same broker settings) | {theirs:.0f} | 1.00x |")
-    print(f"| logprobe end to end (rows committed, PostgreSQL) | {ours:.0f} | "
-          f"{ours / theirs:.2f}x |")
+    for c, label in ((1, "one pool process"), (2, "two pool processes (`--concurrency 2`)")):
+        print(f"| trivial Celery task, one per probe, {label} | "
+              f"{statistics.median(celery[c]):.0f} | 1.00x |")
+    for key, c, label in (
+        ("logprobe", 1, "one pool process, torch's default threads (the worker's defaults)"),
+        ("logprobe2", 2, "two pool processes of one thread (`--concurrency 2`, "
+                         "`OMP_NUM_THREADS=1`)"),
+    ):
+        ours = statistics.median(results[key])
+        print(f"| logprobe end to end (rows committed, PostgreSQL), {label} | {ours:.0f} | "
+              f"{ours / statistics.median(celery[c]):.2f}x |")
     ceiling = statistics.median(compute)
-    print(f"| (model math alone: worker's score_batch in-process, 64 per batch, no queue, "
-          f"no SQL) | {ceiling:.0f} | {ceiling / theirs:.2f}x |")
+    noop = statistics.median(celery[1])
+    print(f"| (model math alone: the worker's score_batch in-process, 64 per batch, no "
+          f"queue, no SQL) | {ceiling:.0f} | {ceiling / noop:.2f}x |")
     small = statistics.median(results["small"])
-    print(f"| logprobe end to end, 1,024-token vocabulary (negligible model math: the queue "
-          f"and SQL path) | {small:.0f} | {small / theirs:.2f}x |")
-    print(f"\nend to end reaches {100 * ours / ceiling:.0f}% of the model math alone")
+    print(f"| logprobe end to end, 1,024-token vocabulary, one pool process (negligible "
+          f"model math: the queue and SQL path) | {small:.0f} | {small / noop:.2f}x |")
+    print("\nall rounds (probes/s): " + "; ".join(
+        f"{name}: {', '.join(f'{v:.0f}' for v in values)}"
+        for name, values in [*results.items(), ("math", compute),
+                             *((f"celery -c {c}", v) for c, v in celery.items())]))
     rss = [r for _, r in memory]
     tenth = max(1, len(rss) // 10)
     early, late = statistics.median(rss[:tenth]), statistics.median(rss[-tenth:])
@@ -407,6 +370,83 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
           f"({100 * (late - early) / early:+.1f}%); range {min(rss) / mib:.0f}-"
           f"{max(rss) / mib:.0f} MiB (the high end is one batch's logits in flight); idle "
           f"after {rss[-1] / mib:.0f} MiB ({100 * (rss[-1] - baseline) / baseline:+.1f}%)")
+
+
+def _tiny_rounds(args: argparse.Namespace, client: Any, model_dir: str, rates: list[float],
+                 label: str) -> None:
+    """A warm-up sweep, then ``args.repeats`` sweeps of ``args.tiny`` tiny probes."""
+    warm = client.sweep(tiny_texts(500, seed=9), models=[model_dir], reuse=False)
+    wait_all_succeeded(client, warm.id, len(warm))
+    for round_ in range(args.repeats):
+        texts = tiny_texts(args.tiny, seed=100 + round_)
+        start = time.perf_counter()
+        sweep = client.sweep(texts, models=[model_dir], reuse=False)
+        wait_all_succeeded(client, sweep.id, len(texts))
+        rates.append(len(texts) / (time.perf_counter() - start))
+        log(f"tiny round {round_ + 1}, {label}: {rates[-1]:.0f} probes/s")
+
+
+def _memory_sweep(args: argparse.Namespace, client: Any, model_dir: str, worker: Any
+                  ) -> tuple[list[tuple[float, int]], int, float]:
+    """The worker's RSS every 0.5 s over a long sweep: (samples, idle before, seconds)."""
+    baseline = rss_of_children(worker.process.pid)
+    memory: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    sweep = client.sweep(tiny_texts(args.memory_probes, seed=7), models=[model_dir],
+                         reuse=False)
+    while True:
+        memory.append((time.perf_counter() - start, rss_of_children(worker.process.pid)))
+        progress = sweep.progress()
+        if progress["finished"] >= progress["total"]:
+            break
+        time.sleep(0.5)
+    seconds = time.perf_counter() - start
+    memory.append((seconds, rss_of_children(worker.process.pid)))
+    assert progress["succeeded"] == args.memory_probes, progress
+    return memory, baseline, seconds
+
+
+def _celery_noop_rates(args: argparse.Namespace, tmp: Path, redis_url: str, *,
+                       concurrency: int) -> list[float]:
+    """Tasks/s of a trivial Celery task, one per probe, on ``concurrency`` pool processes
+    (same broker settings as logprobe's; the task only counts itself in Redis)."""
+    import redis
+
+    from bench import celery_noop
+    from tests.helpers import REPO_ROOT, subprocess_env
+
+    env = subprocess_env(BENCH_REDIS_URL=redis_url)
+    noop_log = (tmp / "logs" / f"noop-{concurrency}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.celery_noop", "worker", "-Q",
+         celery_noop.QUEUE, "-c", str(concurrency), "--pool", "prefork", "--without-gossip",
+         "--without-mingle", "-n", f"noop-{uuid.uuid4().hex[:6]}@bench", "-l", "warning"],
+        cwd=REPO_ROOT, env=env, stdout=noop_log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    counter = redis.Redis.from_url(redis_url)
+    rates: list[float] = []
+    try:
+        app = celery_noop.make_celery(redis_url, name="bench-noop-sender")
+        counter.set(celery_noop.COUNTER_KEY, 0)
+        for i in range(concurrency):
+            app.send_task(celery_noop.TASK, args=[f"warm{i}"], queue=celery_noop.QUEUE)
+        _wait_counter(counter, concurrency)
+        for _ in range(args.repeats):
+            counter.set(celery_noop.COUNTER_KEY, 0)
+            start = time.perf_counter()
+            with app.producer_or_acquire() as producer:
+                for i in range(args.tiny):
+                    app.send_task(celery_noop.TASK, args=[str(i)], queue=celery_noop.QUEUE,
+                                  producer=producer)
+            _wait_counter(counter, args.tiny)
+            rates.append(args.tiny / (time.perf_counter() - start))
+            log(f"celery noop, -c {concurrency}: {rates[-1]:.0f} tasks/s")
+        app.close()
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+        counter.close()
+    return rates
 
 
 def _wait_counter(counter: Any, n: int, timeout: float = 600) -> None:

@@ -6,7 +6,7 @@ import secrets
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteriaList
 
 from api_client.errors import ProbeInputError
 from api_client.results import SequenceResult, TokenLogprob
@@ -14,10 +14,11 @@ from api_client.specs import GenerateSpec
 
 from ..control import control_for
 from .base import ProbeOutput
-from .hf_common import check_ids, decode_each, text_logprobs, top_alternatives
+from .hf_common import alternatives_from_topk, check_ids, decode_each, text_logprobs
 from .hf_embeddings import build_embedding
 from .hf_logits import check_logits_rows, forward_logits, logits_array, position_tokens
 from .hf_models import LoadedModel
+from .hf_step_scores import StepScores
 from .hf_stopping import job_stopping_criteria
 
 
@@ -39,7 +40,7 @@ def generation_config(lm: LoadedModel, spec: GenerateSpec) -> GenerationConfig:
         "pad_token_id": lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None
         else eos,
         "bos_token_id": lm.bos_token_id,
-        "output_scores": True,
+        "output_scores": True,  # the processed scores of each step, for StepScores
         "output_logits": spec.return_logits,
         "return_dict_in_generate": True,
     }
@@ -81,23 +82,19 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
 
     config = generation_config(lm, spec)
     control = control_for(spec)  # progress, cancel flag, time limit of the running job
-    criteria = job_stopping_criteria(control, offset, spec.max_new_tokens)
+    # = compute_transition_scores(sequences, scores, normalize_logits=True), step by
+    # step as generate runs, in float64 (the float32 scores' logprobs exact to the bit).
+    step_scores = StepScores(spec.top_logprobs)
+    criteria = StoppingCriteriaList([
+        step_scores, *(job_stopping_criteria(control, offset, spec.max_new_tokens) or [])])
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
         out = lm.model.generate(**model_inputs, generation_config=config,
                                 stopping_criteria=criteria)
-        # = compute_transition_scores(sequences, scores, normalize_logits=True) (no beams),
-        # as score[token] - logsumexp(score), one step at a time: no [steps, vocab]
-        # copies of the scores (2 GB each for 10,000 steps of GPT-2), which transformers'
-        # version makes and normalizes along a strided axis (seconds per few hundred steps).
-        # In float64, so that the float32 scores' logprobs are exact to the last bit.
-        scores = out.scores  # one [sequences, vocab] tensor per step
-        chosen = out.sequences[:, out.sequences.shape[1] - len(scores):]
-        log_norm = torch.stack([torch.logsumexp(s.double(), dim=-1) for s in scores], dim=1)
-        picked = torch.stack([s.double().gather(1, chosen[:, t, None])[:, 0]
-                              for t, s in enumerate(scores)], dim=1)
-        transition = picked - log_norm  # [sequences, steps]
+    if step_scores.steps != out.sequences.shape[1] - offset:
+        raise RuntimeError(f"generate took {out.sequences.shape[1] - offset} steps but "
+                           f"scored {step_scores.steps}: was a stopping criterion skipped?")
 
     eos = lm.eos_token_id
     sequences = []
@@ -110,13 +107,10 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
         elif control is not None and control.stop_reason is not None:
             finish = control.stop_reason  # "cancelled" or "time_limit": a partial result
         steps = len(generated)
-        logprobs = transition[r, :steps].tolist()
-        step_logprobs = (
-            torch.stack([(scores[t][r].double() - log_norm[r, t]).float()
-                         for t in range(steps)])
-            if spec.top_logprobs and steps else torch.empty(steps, 0)
-        )
-        step_alternatives = top_alternatives(lm, step_logprobs, spec.top_logprobs)
+        logprobs = step_scores.logprobs(r, steps)
+        top_values, top_ids = step_scores.top(r, steps)
+        step_alternatives = alternatives_from_topk(
+            top_values, top_ids, decode_each(lm, [i for row in top_ids for i in row]))
         texts = decode_each(lm, generated)
         tokens = tuple(
             TokenLogprob(

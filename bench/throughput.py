@@ -119,30 +119,36 @@ def lm_eval_rolling(lm: Any, texts: list[str]) -> float:
 # --- logprobe end to end ----------------------------------------------------------------
 
 def wait_all_succeeded(client: Any, sweep_id: str, n: int, timeout: float = 3600) -> None:
-    """Poll (every 50 ms, one indexed query on jobs.sweep_id) until n jobs finished.
+    """Poll (every 50 ms, one indexed count on jobs.sweep_id over one held connection)
+    until n jobs finished.
 
-    Each poll costs CPU (here and in PostgreSQL) that the worker's 2-thread matrix
-    products share on a 2-core machine; 50 ms adds at most 50 ms to a run."""
+    Each poll costs CPU here and in PostgreSQL that the worker's 2-thread matrix
+    products share on a 2-core machine: a fresh ORM session per poll cost ~2.7 ms of
+    this process's CPU, a held connection and a prepared Core statement a fraction of
+    that. 50 ms adds at most 50 ms to a run."""
     from sqlalchemy import func, select
 
     from api_client.schema import Job, JobStatus
 
     deadline = time.monotonic() + timeout
+    jobs = Job.__table__
     finished = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]
-    while True:
-        with client.session() as session:
-            done = session.scalar(select(func.count()).select_from(Job).where(
-                Job.sweep_id == sweep_id, Job.status.in_(finished)))
-        if done >= n:
-            with client.session() as session:
-                failed = session.scalars(select(Job.error).where(
-                    Job.sweep_id == sweep_id, Job.status != JobStatus.SUCCEEDED)).all()
-            if failed:
-                raise RuntimeError(f"{len(failed)} jobs failed, e.g. {failed[0]}")
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{done}/{n} jobs done after {timeout}s")
-        time.sleep(0.05)
+    count = select(func.count()).select_from(jobs).where(
+        jobs.c.sweep_id == sweep_id, jobs.c.status.in_(finished))
+    with client.engine.connect() as connection:
+        while True:
+            done = connection.execute(count).scalar_one()
+            connection.rollback()  # a fresh snapshot for the next poll
+            if done >= n:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{done}/{n} jobs done after {timeout}s")
+            time.sleep(0.05)
+    with client.session() as session:
+        failed = session.scalars(select(Job.error).where(
+            Job.sweep_id == sweep_id, Job.status != JobStatus.SUCCEEDED)).all()
+    if failed:
+        raise RuntimeError(f"{len(failed)} jobs failed, e.g. {failed[0]}")
 
 
 def logprobe_end_to_end(client: Any, texts: list[str], model_dir: str,

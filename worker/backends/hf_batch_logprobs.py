@@ -197,11 +197,14 @@ def chunked_scores(logits_of: LogitsOfRows, targets: torch.Tensor, row_top_k: to
     buffer: torch.Tensor | None = None  # one for all chunks (see head_only_logits)
     for start in range(0, n_rows, chunk_rows):
         stop = min(start + chunk_rows, n_rows)
-        logits = logits_of(start, stop).float()
-        if buffer is None:
-            buffer = torch.empty((min(chunk_rows, n_rows), logits.shape[-1]),
-                                 dtype=torch.float32, device=logits.device)
-        logprobs = torch.log_softmax(logits, dim=-1, out=buffer[: stop - start])
+        logits = logits_of(start, stop)  # a buffer of ours or a fresh tensor
+        if logits.dtype != torch.float32 or logits.device.type != "cpu":
+            if buffer is None:
+                buffer = torch.empty((min(chunk_rows, n_rows), logits.shape[-1]),
+                                     dtype=torch.float32, device=logits.device)
+            logprobs = torch.log_softmax(logits.float(), dim=-1, out=buffer[: stop - start])
+        else:  # in place on a CPU: one chunk-sized buffer stays in cache, not two
+            logprobs = torch.log_softmax(logits, dim=-1, out=logits)
         device = logprobs.device
         picked.append(logprobs.gather(1, targets[start:stop, None].to(device))[:, 0])
         wanted = torch.nonzero(row_top_k[start:stop])[:, 0]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from api_client.constants import LIVE_KEY_TTL, cancel_key, progress_key
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_INTERVAL = float(os.environ.get("LOGPROBE_CANCEL_POLL_SECONDS", "0.05"))
 #: How often it writes progress to Redis (seconds).
 PROGRESS_INTERVAL = float(os.environ.get("LOGPROBE_PROGRESS_SECONDS", "0.5"))
+#: When it writes the first report, after the message's jobs began (seconds). A
+#: message done sooner (a batch of tiny probes) writes no progress at all: its jobs'
+#: status is in SQL, and two reports per job cost a 64-probe message ~8 ms of CPU.
+FIRST_REPORT_DELAY = float(os.environ.get("LOGPROBE_FIRST_PROGRESS_SECONDS", "0.1"))
 #: A running job whose heartbeat is younger than this is alive (seconds).
 HEARTBEAT_FRESH = 5.0
 
@@ -100,15 +105,17 @@ class JobControl:
 
 class Monitor:
     """One thread for all the jobs of a message: every ``CANCEL_POLL_INTERVAL`` it reads
-    their cancel flags, every ``PROGRESS_INTERVAL`` it writes their progress, each in
-    one Redis round trip (a thread and a poll per job cost a batch of tiny probes more
-    than their compute)."""
+    their cancel flags and, from ``FIRST_REPORT_DELAY`` on, every ``PROGRESS_INTERVAL``
+    it writes their progress, each in one Redis round trip (a thread and a poll per
+    job cost a batch of tiny probes more than their compute). Jobs whose progress was
+    written get a final report when the message ends."""
 
     def __init__(self, controls: list[JobControl]) -> None:
         self.controls = [c for c in controls if c.redis is not None]
         self.redis = self.controls[0].redis if self.controls else None
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reported = False
 
     def _poll_cancel_flags(self) -> None:
         running = [control for control in self.controls if not control._cancel.is_set()]
@@ -124,10 +131,11 @@ class Monitor:
         pipe = self.redis.pipeline(transaction=False)
         for control in self.controls:
             control.report_into(pipe, final)
+        self._reported = True  # even if it fails midway: a final report then tidies up
         pipe.execute()
 
     def _watch(self) -> None:
-        next_report = 0.0
+        next_report = time.monotonic() + FIRST_REPORT_DELAY
         while not self._finished.is_set():
             now = time.monotonic()
             try:
@@ -152,7 +160,7 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        if self.redis is not None:
+        if self.redis is not None and self._reported:
             try:
                 self._report(final=True)
             except Exception as exc:
@@ -169,32 +177,48 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def running_elsewhere(redis: Any, job_ids: list[str]) -> dict[str, str]:
-    """Which of ``job_ids`` another live process is running right now, and who
-    (``{job_id: description}``; one Redis round trip for all of them).
+@dataclass(frozen=True)
+class LiveState:
+    """What Redis says of a message's jobs before they are claimed."""
+
+    #: ``{job_id: description}`` of the jobs another live process is running now.
+    running_elsewhere: dict[str, str]
+    #: The jobs whose cancel flag is set.
+    cancelled: set[str]
+
+
+def live_state(redis: Any, job_ids: list[str]) -> LiveState:
+    """Heartbeats and cancel flags of ``job_ids``, in one Redis round trip.
 
     A message can be delivered again while its jobs still run: the broker connection
     dropped and Celery restored the unacknowledged message, or a visibility timeout
     was set too short. A job's heartbeat says whether its runner is alive: fresh,
-    not final, and not a dead process on this host. If Redis cannot be read, none is
-    (the claim in SQL and the idempotent store still keep results single).
+    not final, and not a dead process on this host. A flag set after this read is
+    seen by the monitor's first poll, as the jobs start. If Redis cannot be read,
+    no job is running elsewhere or cancelled (the claim in SQL and the idempotent
+    store still keep results single; the jobs run, and their results go to SQL).
     """
     if not job_ids:
-        return {}
+        return LiveState({}, set())
     try:
         pipe = redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(progress_key(job_id))
-        heartbeats = pipe.execute()
+        for job_id in job_ids:
+            pipe.exists(cancel_key(job_id))
+        replies = pipe.execute()
     except Exception as exc:
-        log.warning("could not read the heartbeats of %d jobs: %s", len(job_ids), exc)
-        return {}
+        log.warning("could not read the heartbeats and cancel flags of %d jobs: %s",
+                    len(job_ids), exc)
+        return LiveState({}, set())
+    heartbeats, flags = replies[: len(job_ids)], replies[len(job_ids):]
     owners = {}
     for job_id, raw in zip(job_ids, heartbeats, strict=True):
-        owner = _live_owner({k.decode(): v.decode() for k, v in raw.items()})
+        owner = _live_owner({k.decode(): v.decode() for k, v in raw.items()}) if raw else None
         if owner is not None:
             owners[job_id] = owner
-    return owners
+    return LiveState(owners, {job_id for job_id, flag in zip(job_ids, flags, strict=True)
+                              if flag})
 
 
 def _live_owner(heartbeat: dict[str, str]) -> str | None:
@@ -208,19 +232,6 @@ def _live_owner(heartbeat: dict[str, str]) -> str | None:
     if heartbeat.get("host") == socket.gethostname() and not _pid_alive(pid):
         return None
     return f"{heartbeat.get('worker') or '?'} (pid {pid}, heartbeat {age:.1f}s ago)"
-
-
-def cancel_requested(redis: Any, job_ids: list[str]) -> set[str]:
-    """Which of ``job_ids`` have their cancel flag set (one Redis round trip; none if
-    Redis cannot be read: the jobs run, and their results go to SQL anyway)."""
-    if not job_ids:
-        return set()
-    try:
-        flags = _read_cancel_flags(redis, job_ids)
-    except Exception as exc:
-        log.warning("could not read the cancel flags of %d jobs: %s", len(job_ids), exc)
-        return set()
-    return {job_id for job_id, flagged in zip(job_ids, flags, strict=True) if flagged}
 
 
 def _read_cancel_flags(redis: Any, job_ids: list[str]) -> list[bool]:

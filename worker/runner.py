@@ -33,9 +33,8 @@ from .control import (
     CANCELLED,
     TIME_LIMIT,
     JobControl,
-    cancel_requested,
+    live_state,
     monitoring,
-    running_elsewhere,
 )
 from .db_retry import with_db_retry
 from .failures import cancel_message, describe_failure, release_memory, time_limit_message
@@ -144,13 +143,13 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
     """Claim the jobs, run the claimed ones on their backend, store every outcome.
 
     ``items`` are ``{"id", "spec", "time_limit"?}``. Claiming is one Redis round trip
-    (jobs another live process is running are left to it), one SQL transaction, and
-    one more round trip for cancel flags: a job whose flag is set when it is claimed
-    is cancelled without running.
+    for heartbeats and cancel flags (jobs another live process is running are left to
+    it; a job whose flag is set is cancelled without running) and one SQL transaction.
     """
     state = process_state()
     items = list(items)
-    elsewhere = running_elsewhere(state.redis, [item["id"] for item in items])
+    live = live_state(state.redis, [item["id"] for item in items])
+    elsewhere, cancelled = live.running_elsewhere, live.cancelled
     for job_id, owner in elsewhere.items():  # a redelivered message; stored once by owner
         log.info("job %s is running in %s; not running it twice", job_id, owner)
     candidates = [item for item in items if item["id"] not in elsewhere]
@@ -161,7 +160,6 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
     for item in candidates:
         if item["id"] not in runnable:
             log.info("job %s is finished or given up; skipping", item["id"])
-    cancelled = cancel_requested(state.redis, sorted(runnable))
     claimed: dict[str, list[tuple[str, AnySpec, JobControl]]] = defaultdict(list)
     for item in candidates:
         job_id = item["id"]

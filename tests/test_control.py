@@ -1,0 +1,89 @@
+"""A message's live state in a real Redis: heartbeats and cancel flags read in one round
+trip, and progress written only for messages that run past the first report."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from api_client.constants import cancel_key, progress_key
+from worker.control import FIRST_REPORT_DELAY, JobControl, Monitor, live_state
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[object]:
+    import redis
+
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+def _ids(n: int) -> list[str]:
+    return [uuid.uuid4().hex for _ in range(n)]
+
+
+def test_live_state_reads_heartbeats_and_cancel_flags(redis_client) -> None:
+    fresh, final, stale, flagged, idle = _ids(5)
+    now = time.time()
+    parent = os.getppid()  # a live process on this host, not this one
+    heartbeat = {"worker": "w@elsewhere", "pid": parent, "host": socket.gethostname(),
+                 "final": 0, "updated": now}
+    redis_client.hset(progress_key(fresh), mapping=heartbeat)
+    redis_client.hset(progress_key(final), mapping={**heartbeat, "final": 1})
+    redis_client.hset(progress_key(stale), mapping={**heartbeat, "updated": now - 60})
+    redis_client.set(cancel_key(flagged), 1)
+    try:
+        state = live_state(redis_client, [fresh, final, stale, flagged, idle])
+        assert list(state.running_elsewhere) == [fresh]
+        assert f"pid {parent}" in state.running_elsewhere[fresh]
+        assert state.cancelled == {flagged}
+        assert live_state(redis_client, []).running_elsewhere == {}
+    finally:
+        redis_client.delete(*(progress_key(i) for i in (fresh, final, stale)),
+                            cancel_key(flagged))
+
+
+def _controls(redis_client, n: int) -> list[JobControl]:
+    controls = [JobControl(job_id, time_limit=60, redis=redis_client, worker="w")
+                for job_id in _ids(n)]
+    for control in controls:
+        control.begin(10)
+    return controls
+
+
+def test_a_message_done_before_the_first_report_writes_no_progress(redis_client) -> None:
+    controls = _controls(redis_client, 64)
+    monitor = Monitor(controls)
+    monitor.start()
+    for control in controls:
+        control.advance(10)
+    monitor.stop()  # well within FIRST_REPORT_DELAY
+    assert redis_client.exists(*(progress_key(c.job_id) for c in controls)) == 0
+
+
+def test_a_longer_message_reports_progress_and_then_final(redis_client) -> None:
+    controls = _controls(redis_client, 3)
+    monitor = Monitor(controls)
+    monitor.start()
+    try:
+        deadline = time.monotonic() + FIRST_REPORT_DELAY + 5
+        key = progress_key(controls[0].job_id)
+        while not redis_client.exists(key):
+            assert time.monotonic() < deadline, "no progress report"
+            time.sleep(0.01)
+        running = redis_client.hgetall(key)
+        assert running[b"final"] == b"0" and running[b"total"] == b"10"
+        for control in controls:
+            control.advance(10)
+    finally:
+        monitor.stop()
+    for control in controls:
+        report = redis_client.hgetall(progress_key(control.job_id))
+        assert (report[b"final"], report[b"done"], report[b"total"]) == (b"1", b"10", b"10")
+    redis_client.delete(*(progress_key(c.job_id) for c in controls))

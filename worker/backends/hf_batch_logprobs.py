@@ -106,21 +106,23 @@ def padded_batch(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> tuple[torch
     """``batch`` right-padded (with EOS, else 0) as ``(input_ids, attention_mask)``."""
     longest = max(len(ids) for ids in batch)
     pad = lm.eos_token_id if lm.eos_token_id is not None else 0
-    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
+    # One tensor from padded lists, one comparison for the mask: a tensor and two
+    # slice assignments per text cost a 64-text batch of tiny probes ~1 ms.
+    input_ids = torch.tensor([[*ids, *[pad] * (longest - len(ids))] for ids in batch],
+                             dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids in batch], dtype=torch.long)
+    mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
     return input_ids.to(lm.device), mask.to(lm.device)
 
 
 def scored_positions(batch: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     """Indices into the flattened ``[len(batch) * width]`` positions of the ones that
     predict a token: positions 0..n-2 of each text of n ids, text after text."""
-    return torch.cat([
-        torch.arange(len(ids) - 1, dtype=torch.long) + row * width
-        for row, ids in enumerate(batch)
-    ])
+    scored = torch.tensor([len(ids) - 1 for ids in batch], dtype=torch.long)
+    starts = torch.arange(len(batch), dtype=torch.long) * width
+    first_packed = torch.cumsum(scored, 0) - scored  # where each text's rows begin
+    offsets = torch.arange(int(scored.sum()), dtype=torch.long)
+    return torch.repeat_interleave(starts - first_packed, scored) + offsets
 
 
 def is_plain_linear(head: torch.nn.Module) -> bool:

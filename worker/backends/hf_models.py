@@ -13,6 +13,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
@@ -215,7 +216,11 @@ def load_model(name: str, revision: str | None, dtype: str | None, device: str,
 
 
 class ModelCache:
-    """The models this worker process keeps loaded, least recently used evicted first."""
+    """The models this worker process keeps loaded, least recently used evicted first.
+
+    Thread-safe: under ``--pool threads`` jobs that ask for a model being loaded wait
+    for that one load (two concurrent ``from_pretrained`` calls of one model fail in
+    transformers with "Cannot copy out of meta tensor")."""
 
     def __init__(self, max_models: int = 1, *, fused_activations: bool = True) -> None:
         if max_models < 1:
@@ -223,22 +228,24 @@ class ModelCache:
         self.max_models = max_models
         self.fused_activations = fused_activations
         self._models: OrderedDict[tuple[str, str | None, str, str], LoadedModel] = OrderedDict()
+        self._lock = threading.RLock()
 
     def get(self, name: str, revision: str | None, dtype: str | None,
             device: str | None, *, device_map: str | None = None) -> LoadedModel:
         key = (name, revision, dtype or "float32",
                f"map:{device_map}" if device_map else normalize_device(device))
-        if key in self._models:
-            self._models.move_to_end(key)
-            return self._models[key]
-        while len(self._models) >= self.max_models:
-            self._evict_oldest()
-        log.info("loading model %s (revision=%s, dtype=%s, device=%s)", *key)
-        loaded = load_model(name, revision, dtype, key[3], device_map=device_map,
-                            fused_activations=self.fused_activations)
-        self._models[key] = loaded
-        _freeze_heap()
-        return loaded
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            while len(self._models) >= self.max_models:
+                self._evict_oldest()
+            log.info("loading model %s (revision=%s, dtype=%s, device=%s)", *key)
+            loaded = load_model(name, revision, dtype, key[3], device_map=device_map,
+                                fused_activations=self.fused_activations)
+            self._models[key] = loaded
+            _freeze_heap()
+            return loaded
 
     def _evict_oldest(self) -> None:
         key, loaded = self._models.popitem(last=False)
@@ -253,8 +260,9 @@ class ModelCache:
             _freeze_heap()
 
     def clear(self) -> None:
-        while self._models:
-            self._evict_oldest()
+        with self._lock:
+            while self._models:
+                self._evict_oldest()
 
     def __len__(self) -> int:
         return len(self._models)

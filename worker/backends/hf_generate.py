@@ -84,7 +84,7 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
     control = control_for(spec)  # progress, cancel flag, time limit of the running job
     # = compute_transition_scores(sequences, scores, normalize_logits=True), step by
     # step as generate runs, in float64 (the float32 scores' logprobs exact to the bit).
-    step_scores = StepScores(spec.top_logprobs)
+    step_scores = StepScores(spec.top_logprobs, release_scores=not spec.return_logits)
     criteria = StoppingCriteriaList([
         step_scores, *(job_stopping_criteria(control, offset, spec.max_new_tokens) or [])])
     if seed is not None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from api_client.constants import cancel_key, progress_key
-from worker.control import FIRST_REPORT_DELAY, JobControl, Monitor, live_state
+from worker.control import JobControl, Monitor, live_state
 
 
 @pytest.fixture
@@ -59,20 +59,21 @@ def _controls(redis_client, n: int) -> list[JobControl]:
 
 def test_a_message_done_before_the_first_report_writes_no_progress(redis_client) -> None:
     controls = _controls(redis_client, 64)
-    monitor = Monitor(controls)
+    monitor = Monitor(controls, first_report_delay=10)
     monitor.start()
+    time.sleep(0.2)  # cancel flags are polled meanwhile, nothing is written
     for control in controls:
         control.advance(10)
-    monitor.stop()  # well within FIRST_REPORT_DELAY
+    monitor.stop()
     assert redis_client.exists(*(progress_key(c.job_id) for c in controls)) == 0
 
 
 def test_a_longer_message_reports_progress_and_then_final(redis_client) -> None:
     controls = _controls(redis_client, 3)
-    monitor = Monitor(controls)
+    monitor = Monitor(controls, first_report_delay=0.05)
     monitor.start()
     try:
-        deadline = time.monotonic() + FIRST_REPORT_DELAY + 5
+        deadline = time.monotonic() + 5
         key = progress_key(controls[0].job_id)
         while not redis_client.exists(key):
             assert time.monotonic() < deadline, "no progress report"

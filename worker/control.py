@@ -105,14 +105,16 @@ class JobControl:
 
 class Monitor:
     """One thread for all the jobs of a message: every ``CANCEL_POLL_INTERVAL`` it reads
-    their cancel flags and, from ``FIRST_REPORT_DELAY`` on, every ``PROGRESS_INTERVAL``
+    their cancel flags and, from ``first_report_delay`` on, every ``PROGRESS_INTERVAL``
     it writes their progress, each in one Redis round trip (a thread and a poll per
     job cost a batch of tiny probes more than their compute). Jobs whose progress was
     written get a final report when the message ends."""
 
-    def __init__(self, controls: list[JobControl]) -> None:
+    def __init__(self, controls: list[JobControl],
+                 first_report_delay: float = FIRST_REPORT_DELAY) -> None:
         self.controls = [c for c in controls if c.redis is not None]
         self.redis = self.controls[0].redis if self.controls else None
+        self.first_report_delay = first_report_delay
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
         self._reported = False
@@ -135,7 +137,7 @@ class Monitor:
         pipe.execute()
 
     def _watch(self) -> None:
-        next_report = time.monotonic() + FIRST_REPORT_DELAY
+        next_report = time.monotonic() + self.first_report_delay
         while not self._finished.is_set():
             now = time.monotonic()
             try:
@@ -214,7 +216,7 @@ def live_state(redis: Any, job_ids: list[str]) -> LiveState:
     heartbeats, flags = replies[: len(job_ids)], replies[len(job_ids):]
     owners = {}
     for job_id, raw in zip(job_ids, heartbeats, strict=True):
-        owner = _live_owner({k.decode(): v.decode() for k, v in raw.items()}) if raw else None
+        owner = _live_owner({k.decode(): v.decode() for k, v in raw.items()})
         if owner is not None:
             owners[job_id] = owner
     return LiveState(owners, {job_id for job_id, flag in zip(job_ids, flags, strict=True)

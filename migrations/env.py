@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from api_client.database import make_engine
-from api_client.schema import Base
+from api_client.schema import Base, migrated_schema_includes
 from api_client.settings import Settings
 
 config = context.config
@@ -42,7 +42,8 @@ def run_online() -> None:
         if connection.dialect.name == "sqlite":
             _sqlite_batch_safety(connection)
         context.configure(connection=connection, target_metadata=target_metadata,
-                          render_as_batch=True, compare_type=True)
+                          render_as_batch=True, compare_type=True,
+                          include_object=migrated_schema_includes(connection.dialect.name))
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -7,7 +7,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from api_client.database import make_engine
-from api_client.schema import Base
+from api_client.schema import Base, migrated_schema_includes
 
 
 def test_upgrade_head_matches_models(database_url: str) -> None:
@@ -15,7 +15,9 @@ def test_upgrade_head_matches_models(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            context = MigrationContext.configure(connection, opts={
+                "compare_type": True,
+                "include_object": migrated_schema_includes(connection.dialect.name)})
             diff = compare_metadata(context, Base.metadata)
             tables = set(inspect(connection).get_table_names())
     finally:

@@ -20,13 +20,13 @@ from .broker import (
 )
 from .constants import TASK_RUN_PROBES, default_queue
 from .database import ensure_schema, make_engine, make_sessionmaker
-from .determinism import config_hash
+from .determinism import config_hash_of
 from .determinism import report as determinism_report
 from .embedding_specs import ArtifactEmbedding, InterpolateEmbedding, NoiseEmbedding
 from .errors import ConfigError, SpecError
 from .jobs import JobHandle
 from .logits import check_logits_size_at_submit
-from .reuse import spec_hash
+from .reuse import spec_hash_of
 from .schema import Job, JobStatus
 from .settings import Settings, mask_url
 from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
@@ -172,17 +172,17 @@ class Client:
                 "backend": spec.backend,
                 "model": spec.model,
                 "status": JobStatus.QUEUED,
-                "spec": spec.model_dump(mode="json"),
+                "spec": data,
                 "queue": queue or self.routes.get(spec.model) or self.queue
                 or default_queue(spec.backend),
                 "seed": getattr(spec, "seed", None),
-                "config_hash": config_hash(spec),
+                "config_hash": config_hash_of(data),
                 "time_limit": time_limit,
                 "created_at": now,
                 "sweep_id": sweep_id,
-                "spec_hash": spec_hash(spec),
+                "spec_hash": spec_hash_of(data),
             }
-            for spec in parsed
+            for spec, data in ((spec, spec.model_dump(mode="json")) for spec in parsed)
         ]
         if not rows:
             return []

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .specs import GenerateSpec, ScoreSpec
@@ -46,7 +46,12 @@ def canonical_json(data: Any) -> str:
 
 def config_hash(spec: ScoreSpec | GenerateSpec) -> str:
     """The probe configuration of ``spec``: sha256 of its JSON without seed and device."""
-    data = {k: v for k, v in spec.model_dump(mode="json").items() if k not in RUN_FIELDS}
+    return config_hash_of(spec.model_dump(mode="json"))
+
+
+def config_hash_of(spec_json: Mapping[str, Any]) -> str:
+    """:func:`config_hash` of a spec already dumped (``model_dump(mode="json")``)."""
+    data = {k: v for k, v in spec_json.items() if k not in RUN_FIELDS}
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from .specs import GenerateSpec, ScoreSpec
 
 
 def spec_hash(spec: ScoreSpec | GenerateSpec) -> str:
     """sha256 of the spec's canonical JSON, without the ``reuse`` flag."""
-    data = spec.model_dump(mode="json", exclude={"reuse"})
+    return spec_hash_of(spec.model_dump(mode="json"))
+
+
+def spec_hash_of(spec_json: Mapping[str, Any]) -> str:
+    """:func:`spec_hash` of a spec already dumped (``model_dump(mode="json")``)."""
+    data = {k: v for k, v in spec_json.items() if k != "reuse"}
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -262,6 +262,33 @@ def test_bulk_store_writes_exactly_the_rows(database_url: str) -> None:
     engine.dispose()
 
 
+def test_claim_many_claims_runnable_jobs_and_gives_up_on_crash_loops(database_url: str
+                                                                     ) -> None:
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    queued, rerun, crashed, done = (uuid.uuid4().hex for _ in range(4))
+    with sessions() as session, session.begin():
+        session.execute(insert(Job), [
+            {"id": i, "kind": "score", "backend": "hf", "model": "m", "status": status,
+             "attempts": attempts, "spec": {}, "queue": "q"}
+            for i, status, attempts in ((queued, JobStatus.QUEUED, 0),
+                                        (rerun, JobStatus.RUNNING, 1),
+                                        (crashed, JobStatus.RUNNING, 2),
+                                        (done, JobStatus.SUCCEEDED, 1))])
+    with sessions() as session:
+        assert claim_many(session, [done, crashed, rerun, queued], "w9",
+                          max_attempts=2) == [rerun, queued]
+    with sessions() as session:
+        jobs = {j.id: j for j in session.scalars(select(Job))}
+    assert [(jobs[i].status, jobs[i].attempts, jobs[i].worker) for i in (queued, rerun)] == [
+        (JobStatus.RUNNING, 1, "w9"), (JobStatus.RUNNING, 2, "w9")]
+    assert jobs[crashed].status == JobStatus.FAILED and jobs[crashed].attempts == 2
+    assert jobs[crashed].error_type == "WorkerLost" and "stopped 2 times" in jobs[crashed].error
+    assert (jobs[done].status, jobs[done].attempts, jobs[done].worker) == (
+        JobStatus.SUCCEEDED, 1, None)
+    engine.dispose()
+
+
 def _stored_tokens(session, job_id: str) -> list[tuple]:
     return [tuple(r) for r in session.execute(
         select(Token.position, Token.token_id, Token.token, Token.logprob)

@@ -52,21 +52,23 @@ def claim_many(session: Session, job_ids: Sequence[str], worker: str,
     if not job_ids:
         return []
     now = _now()
-    ids = list(job_ids)
+    # Both statements find the jobs by primary key alone. (One UPDATE with the status
+    # and attempts conditions was slower: planned as a scan of every queued job's
+    # index entry, or of the table, for each message of a sweep.)
     with session.begin():
-        # One statement claims every runnable job (the common case: all of them).
-        runnable = set(session.scalars(
-            update(Job).where(Job.id.in_(ids), Job.status.in_(_UNFINISHED),
-                              Job.attempts < max_attempts)
-            .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
-                    started_at=now)
-            .returning(Job.id).execution_options(synchronize_session=False)
-        ))
-        rest = [job_id for job_id in ids if job_id not in runnable]
-        given_up = session.execute(
-            select(Job.id, Job.attempts).where(Job.id.in_(rest), Job.status.in_(_UNFINISHED),
-                                               Job.attempts >= max_attempts).with_for_update()
-        ).all() if rest else []
+        rows = session.execute(
+            select(Job.id, Job.status, Job.attempts)
+            .where(Job.id.in_(list(job_ids))).with_for_update()
+        ).all()
+        runnable = {r.id for r in rows if r.status in _UNFINISHED and r.attempts < max_attempts}
+        given_up = [r for r in rows if r.status in _UNFINISHED and r.attempts >= max_attempts]
+        if runnable:
+            session.execute(
+                update(Job).where(Job.id.in_(runnable))
+                .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
+                        started_at=now)
+                .execution_options(synchronize_session=False)
+            )
         for row in given_up:
             session.execute(
                 update(Job).where(Job.id == row.id).values(
@@ -91,10 +93,10 @@ def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
     extra = extra or {}
     ids = [job_id for job_id, _ in items]
     with session.begin():
-        attempts = dict(session.execute(
-            select(Job.id, Job.attempts).where(Job.id.in_(ids), Job.status == JobStatus.RUNNING)
-            .with_for_update()
-        ).all())
+        # By primary key alone, status checked here (see claim_many).
+        attempts = {row.id: row.attempts for row in session.execute(
+            select(Job.id, Job.status, Job.attempts).where(Job.id.in_(ids)).with_for_update()
+        ) if row.status == JobStatus.RUNNING}
         todo = [(job_id, out) for job_id, out in items if job_id in attempts]
         if not todo:
             return []

@@ -244,11 +244,12 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
         # Storing vs scoring, inside the worker's own functions.
         specs = [ScoreSpec(model=model_dir, text=t, prepend_bos=True) for t in texts]
         score_s, store_s = [], []
+        nobody = f"bench.nobody.{uuid.uuid4().hex[:6]}"  # rows only: no worker reads it
         for _ in range(args.repeats):
             start = time.perf_counter()
             outputs = score_batch(lm, specs, budget)
             score_s.append(time.perf_counter() - start)
-            handles = client.submit_many(specs, queue=f"bench.nobody.{uuid.uuid4().hex[:6]}")
+            handles = client.submit_many(specs, queue=nobody)
             ids = [h.id for h in handles]
             with client.session() as session:
                 claim_many(session, ids, "bench")
@@ -256,9 +257,11 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
             with client.session() as session:
                 store_outputs(session, list(zip(ids, outputs, strict=True)))  # type: ignore
             store_s.append(time.perf_counter() - start)
+        _delete_queue(redis_url, nobody)
     finally:
         client.close()
         worker.stop()
+        _delete_queue(redis_url, worker.queue)
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     baselines = [n for n in med if n.startswith(("notebook", "lm-eval"))]
@@ -327,6 +330,7 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     finally:
         client.close()
         worker.stop()
+        _delete_queue(redis_url, worker.queue)
     # One worker with two pool processes of one thread each (one per core).
     worker = start_worker("hf", f"bench.tiny2.{uuid.uuid4().hex[:6]}", redis_url, db_url,
                           tmp / "logs", extra_args=["--concurrency", "2"],
@@ -337,6 +341,7 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     finally:
         client.close()
         worker.stop()
+        _delete_queue(redis_url, worker.queue)
     celery = {c: _celery_noop_rates(args, tmp, redis_url, concurrency=c) for c in (1, 2)}
 
     print(f"\n### Tiny probes: {args.tiny} score probes of <= 16 tokens, 2-layer GPT-2 "
@@ -451,8 +456,24 @@ def _celery_noop_rates(args: argparse.Namespace, tmp: Path, redis_url: str, *,
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
+        counter.delete(celery_noop.COUNTER_KEY)
         counter.close()
+        _delete_queue(redis_url, celery_noop.QUEUE)
     return rates
+
+
+def _delete_queue(redis_url: str, queue: str) -> None:
+    """Drop a benchmark queue from the broker: its messages (a Redis list per queue and
+    priority) and kombu's bindings for it."""
+    import redis
+
+    connection = redis.Redis.from_url(redis_url)
+    try:
+        keys = [*connection.scan_iter(match=f"{queue}*"),
+                f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+        connection.delete(*keys)
+    finally:
+        connection.close()
 
 
 def _wait_counter(counter: Any, n: int, timeout: float = 600) -> None:

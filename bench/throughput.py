@@ -467,9 +467,11 @@ def _delete_queue(redis_url: str, queue: str) -> None:
     priority) and kombu's bindings for it."""
     import redis
 
+    from api_client.requeue import PRIORITY_SEPARATOR
+
     connection = redis.Redis.from_url(redis_url)
     try:
-        keys = [*connection.scan_iter(match=f"{queue}*"),
+        keys = [queue, *connection.scan_iter(match=f"{queue}{PRIORITY_SEPARATOR}*"),
                 f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
         connection.delete(*keys)
     finally:

@@ -10,10 +10,10 @@ indexed query; the revision, dtype and determinism are known only to the worker.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
+from .determinism import canonical_json
 from .specs import GenerateSpec, ScoreSpec
 
 
@@ -25,8 +25,7 @@ def spec_hash(spec: ScoreSpec | GenerateSpec) -> str:
 def spec_hash_of(spec_json: Mapping[str, Any]) -> str:
     """:func:`spec_hash` of a spec already dumped (``model_dump(mode="json")``)."""
     data = {k: v for k, v in spec_json.items() if k != "reuse"}
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 
 def reuse_allowed(spec: ScoreSpec | GenerateSpec) -> bool:

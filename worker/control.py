@@ -206,8 +206,7 @@ def live_state(redis: Any, job_ids: list[str]) -> LiveState:
         pipe = redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(progress_key(job_id))
-        for job_id in job_ids:
-            pipe.exists(cancel_key(job_id))
+        _queue_cancel_flags(pipe, job_ids)
         replies = pipe.execute()
     except Exception as exc:
         log.warning("could not read the heartbeats and cancel flags of %d jobs: %s",
@@ -236,10 +235,15 @@ def _live_owner(heartbeat: dict[str, str]) -> str | None:
     return f"{heartbeat.get('worker') or '?'} (pid {pid}, heartbeat {age:.1f}s ago)"
 
 
-def _read_cancel_flags(redis: Any, job_ids: list[str]) -> list[bool]:
-    pipe = redis.pipeline(transaction=False)
+def _queue_cancel_flags(pipe: Any, job_ids: list[str]) -> None:
+    """Add to ``pipe`` one reply per job: whether its cancel flag is set."""
     for job_id in job_ids:
         pipe.exists(cancel_key(job_id))
+
+
+def _read_cancel_flags(redis: Any, job_ids: list[str]) -> list[bool]:
+    pipe = redis.pipeline(transaction=False)
+    _queue_cancel_flags(pipe, job_ids)
     return [bool(flag) for flag in pipe.execute()]
 
 

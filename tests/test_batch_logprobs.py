@@ -14,6 +14,7 @@ from api_client.specs import ScoreSpec
 from worker.backends.hf_batch_logprobs import head_only_applies
 from worker.backends.hf_common import alternatives_from_topk
 from worker.backends.hf_models import LoadedModel, load_model
+from worker.backends.hf_prefix_rows import distinct_prefix_rows
 from worker.backends.hf_score import BatchBudget, score_batch
 
 TOL = 1e-5
@@ -27,6 +28,19 @@ TEXTS = [
     "ok then",  # two tokens: a single scored row
 ]
 TOP_K = [5 if i % 2 else 0 for i in range(len(TEXTS))]
+#: Texts that begin alike (a template, a text and its extension, a duplicate), each
+#: asking for a different number of alternatives, so that rows shared between texts
+#: need top-k for some of them and not for others.
+SHARED_PREFIX_TEXTS = [
+    "The old lighthouse keeper quietly watched item 1.",
+    "The old lighthouse keeper quietly watched item 22.",
+    "The old lighthouse keeper argued about the bridge.",
+    "The old lighthouse keeper quietly watched item 1. Then he slept.",
+    "The old lighthouse keeper quietly watched item 1.",
+    "A young engineer measured item 3.",
+    "A young engineer measured item 3 twice.",
+]
+SHARED_PREFIX_TOP_K = [0, 3, 5, 0, 2, 0, 4]
 
 
 @cache
@@ -46,24 +60,34 @@ def alone(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize("head_only", [None, False], ids=["packed-head", "full-forward"])
+@pytest.mark.parametrize(("head_only", "vocabulary_major"), [
+    (None, None),  # on this CPU: the packed head, vocabulary-major
+    (None, False),  # the packed head as on a GPU
+    (False, None),  # the full forward
+], ids=["packed-head", "packed-head-row-major", "full-forward"])
 @pytest.mark.parametrize("chunk_rows", [None, 7], ids=["default-chunks", "7-row-chunks"])
+@pytest.mark.parametrize("texts", ["distinct", "shared-prefixes"])
 def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
-                                       chunk_rows: int | None) -> None:
+                                       vocabulary_major: bool | None,
+                                       chunk_rows: int | None, texts: str) -> None:
     lm = loaded(model_path)
     assert head_only_applies(lm.model)  # so head_only=None takes the packed-head path
+    batch, top_k = ((TEXTS, TOP_K) if texts == "distinct"
+                    else (SHARED_PREFIX_TEXTS, SHARED_PREFIX_TOP_K))
     specs = [ScoreSpec(model=model_path, text=text, top_logprobs=k)
-             for text, k in zip(TEXTS, TOP_K, strict=True)]
+             for text, k in zip(batch, top_k, strict=True)]
     outputs = score_batch(lm, specs, BatchBudget(tokens=10_000), chunk_rows=chunk_rows,
-                          head_only=head_only)
-    scored_rows = 0
+                          head_only=head_only, vocabulary_major=vocabulary_major)
+    all_ids = [[t.token_id for t in out.sequences[0].tokens] for out in outputs]
+    prefixes = distinct_prefix_rows(all_ids, max(map(len, all_ids)))
+    if texts == "shared-prefixes":  # the output layer ran on fewer rows than scored
+        assert prefixes.distinct < 0.6 * len(prefixes.row_of)
     for spec, out in zip(specs, outputs, strict=True):
         assert not isinstance(out, Exception), out
-        assert out.provenance["batch_size"] == len(TEXTS)  # one forward pass for all
+        assert out.provenance["batch_size"] == len(batch)  # one forward pass for all
         tokens = out.sequences[0].tokens
         ids = [t.token_id for t in tokens]
         logprobs = alone(lm, ids)
-        scored_rows += len(ids) - 1
         got = torch.tensor([t.logprob for t in tokens[1:]])
         want = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
         assert tokens[0].logprob is None and tokens[0].top_logprobs == ()
@@ -79,7 +103,21 @@ def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
                 top.values.tolist(), abs=TOL)
             assert [a.token for a in token.top_logprobs] == lm.tokenizer.batch_decode(
                 [[i] for i in top.indices.tolist()])
-    assert scored_rows > 64  # more than one chunk even at the CPU default
+    if texts == "distinct":
+        assert prefixes.distinct > 64  # more than one chunk even at the CPU default
+
+
+def test_distinct_prefix_rows() -> None:
+    """One row per distinct prefix, numbered in order of first appearance; every
+    scored row (positions 0..n-2 of each text) points at the prefix it ends."""
+    batch = [[5, 6, 7, 8], [5, 6, 9], [5, 6, 7, 8], [6, 5], [5, 6, 7, 8, 1], [4]]
+    prefixes = distinct_prefix_rows(batch, width=5)
+    # distinct prefixes: (5) (5 6) (5 6 7) (6) (5 6 7 8); [4] has no scored row
+    assert prefixes.positions.tolist() == [0, 1, 2, 15, 23]
+    assert prefixes.row_of.tolist() == [0, 1, 2,  0, 1,  0, 1, 2,  3,  0, 1, 2, 4]
+    assert prefixes.distinct == 5
+    empty = distinct_prefix_rows([[1]], width=1)
+    assert empty.distinct == 0 and empty.row_of.tolist() == []
 
 
 def test_only_plain_heads_take_the_packed_path() -> None:

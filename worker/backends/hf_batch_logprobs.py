@@ -1,15 +1,22 @@
 """Per-token logprobs of a padded batch of texts, computed only where they are needed.
 
 A text of n ids is scored at positions 0..n-2 (each predicts the next token); the
-last position and the padding need no logits. Those rows are packed and run through
-the output layer and a float32 log-softmax a chunk at a time, so the
-[rows, vocabulary] logits never exist whole: the target token's logprob is gathered,
-and top-k values and ids are kept only for texts that asked for alternatives.
+last position and the padding need no logits, and positions that end the same prefix
+as an earlier one (:mod:`.hf_prefix_rows`) share its row. The distinct rows are
+packed and run through the output layer and a float32 log-softmax a chunk at a time,
+so the [rows, vocabulary] logits never exist whole: each scored token's logit is
+gathered, each row's log-sum-exp computed, and top-k values and ids kept only for
+rows that asked for alternatives.
 
 Where the model's forward is exactly ``head(base_model(...).last_hidden_state)``
 (:data:`HEAD_ONLY_CLASSES`), the base model runs and only the packed hidden rows go
 through the head. Any other model runs its full forward and the needed logits rows
 are packed from its output.
+
+A chunk's logits are handled vocabulary-major, ``[vocabulary, rows]``: on a CPU the
+output layer's matrix product is ~1.8x faster written that way round (measured with
+MKL on 2 AVX2 cores, hidden size 64 and 768), and the log-sum-exp reduces along the
+vocabulary as fast in either layout.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .hf_models import LoadedModel
+from .hf_prefix_rows import PrefixRows, distinct_prefix_rows
 
 #: Packed rows per chunk of output layer + log-softmax, by device type. A GPU wants
 #: big kernels. On a CPU, few rows keep a chunk's float32 logits in cache for the
@@ -48,7 +56,9 @@ LOGIT_POSTPROCESSING_FIELDS = (
     "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
 )
 
-#: Logits of the packed rows ``[start, stop)``, on the device the output layer uses.
+#: Logits of the packed rows ``[start, stop)``, vocabulary-major (``[vocabulary,
+#: stop - start]``, possibly a transposed view), on the device the output layer uses;
+#: a tensor the caller may overwrite.
 LogitsOfRows = Callable[[int, int], torch.Tensor]
 
 
@@ -115,16 +125,6 @@ def padded_batch(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> tuple[torch
     return input_ids.to(lm.device), mask.to(lm.device)
 
 
-def scored_positions(batch: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """Indices into the flattened ``[len(batch) * width]`` positions of the ones that
-    predict a token: positions 0..n-2 of each text of n ids, text after text."""
-    scored = torch.tensor([len(ids) - 1 for ids in batch], dtype=torch.long)
-    starts = torch.arange(len(batch), dtype=torch.long) * width
-    first_packed = torch.cumsum(scored, 0) - scored  # where each text's rows begin
-    offsets = torch.arange(int(scored.sum()), dtype=torch.long)
-    return torch.repeat_interleave(starts - first_packed, scored) + offsets
-
-
 def is_plain_linear(head: torch.nn.Module) -> bool:
     """Whether calling ``head`` is exactly ``x @ weight.T (+ bias)``: a bare
     ``nn.Linear`` with no hooks (accelerate's offloading or placement, quantization)."""
@@ -138,10 +138,15 @@ def is_plain_linear(head: torch.nn.Module) -> bool:
 
 
 def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor,
-                     positions: torch.Tensor, chunk_rows: int) -> LogitsOfRows:
-    """Runs the base model; the output layer is applied later, to packed rows only
-    (a plain ``nn.Linear`` head writes every chunk into one reused buffer: fresh
-    vocabulary-sized tensors cost page faults on a CPU)."""
+                     positions: torch.Tensor, chunk_rows: int,
+                     vocabulary_major: bool | None = None) -> LogitsOfRows:
+    """Runs the base model; the output layer is applied later, to packed rows only.
+
+    A plain ``nn.Linear`` head writes every chunk into one reused buffer (fresh
+    vocabulary-sized tensors cost page faults on a CPU), computed as
+    ``weight @ rows.T`` where ``vocabulary_major`` (default: on a CPU, see the
+    module's docstring), else as ``rows @ weight.T``.
+    """
     hidden = lm.model.base_model(
         input_ids=input_ids, attention_mask=mask, use_cache=False
     ).last_hidden_state
@@ -149,102 +154,134 @@ def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tenso
     packed = hidden.flatten(0, 1).index_select(0, positions.to(hidden.device))
     packed = packed.to(head_device(head))
     if not is_plain_linear(head):
-        return lambda start, stop: head(packed[start:stop])
-    weight_t, bias = head.weight.t(), head.bias
-    buffer = torch.empty((min(chunk_rows, packed.shape[0]), weight_t.shape[1]),
-                         dtype=packed.dtype, device=packed.device)
+        return lambda start, stop: head(packed[start:stop]).t()
+    weight, bias = head.weight, head.bias
+    vocabulary = weight.shape[0]
+    storage = torch.empty(min(chunk_rows, packed.shape[0]) * vocabulary,
+                          dtype=packed.dtype, device=packed.device)
+    if vocabulary_major is None:
+        vocabulary_major = packed.device.type == "cpu"
+    if vocabulary_major:
+        bias_column = bias[:, None] if bias is not None else None
 
-    def logits(start: int, stop: int) -> torch.Tensor:
-        out = buffer[: stop - start]
+        def vocabulary_major(start: int, stop: int) -> torch.Tensor:
+            out = storage[: (stop - start) * vocabulary].view(vocabulary, stop - start)
+            rows_t = packed[start:stop].t()
+            if bias_column is None:
+                return torch.mm(weight, rows_t, out=out)
+            return torch.addmm(bias_column, weight, rows_t, out=out)
+
+        return vocabulary_major
+    weight_t = weight.t()
+
+    def row_major(start: int, stop: int) -> torch.Tensor:
+        out = storage[: (stop - start) * vocabulary].view(stop - start, vocabulary)
         if bias is None:
-            return torch.mm(packed[start:stop], weight_t, out=out)
-        return torch.addmm(bias, packed[start:stop], weight_t, out=out)
+            return torch.mm(packed[start:stop], weight_t, out=out).t()
+        return torch.addmm(bias, packed[start:stop], weight_t, out=out).t()
 
-    return logits
+    return row_major
 
 
 def full_forward_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor,
-                        positions: torch.Tensor, chunk_rows: int) -> LogitsOfRows:
+                        positions: torch.Tensor, chunk_rows: int,
+                        vocabulary_major: bool | None = None) -> LogitsOfRows:
     """Runs the whole model ([batch, length, vocabulary] logits); rows are packed
-    later, a chunk at a time, into one reused buffer."""
+    later, a chunk at a time, into one reused buffer (``vocabulary_major`` does not
+    apply: the logits exist already)."""
     logits = lm.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)
     on_device = positions.to(logits.device)
     buffer = torch.empty((min(chunk_rows, on_device.shape[0]), logits.shape[-1]),
                          dtype=logits.dtype, device=logits.device)
     return lambda start, stop: torch.index_select(logits, 0, on_device[start:stop],
-                                                  out=buffer[: stop - start])
+                                                  out=buffer[: stop - start]).t()
 
 
 @dataclass
 class PackedScores:
-    """Scores of all packed rows: the target's logprob per row, and where any row asked
-    for alternatives, the top ``k_max`` logprobs and ids per row (rows that did not
-    ask hold zeros)."""
+    """Scores of all scored rows (text after text): the target's logprob per row, and
+    where any row asked for alternatives, the top ``k_max`` logprobs and ids per row
+    (rows that did not ask hold zeros)."""
 
     token_logprobs: torch.Tensor  # [rows] float32, CPU
     top_values: torch.Tensor | None  # [rows, k_max] float32, CPU
     top_ids: torch.Tensor | None  # [rows, k_max] long, CPU
 
 
-def chunked_scores(logits_of: LogitsOfRows, targets: torch.Tensor, row_top_k: torch.Tensor,
-                   chunk_rows: int) -> PackedScores:
-    """Per chunk of packed rows: logits -> float32 log-softmax -> the target's logprob,
-    and top-k (values and ids) for the rows whose ``row_top_k`` is above 0."""
+def chunked_scores(logits_of: LogitsOfRows, prefixes: PrefixRows, targets: torch.Tensor,
+                   row_top_k: torch.Tensor, chunk_rows: int) -> PackedScores:
+    """Per chunk of distinct prefix rows: logits -> the scored tokens' logits, top-k
+    logits and ids where a row asks for them, and the float32 log-sum-exp; then each
+    scored row's logprob as ``logit - max - log(sum(exp(logits - max)))``, the
+    formula of ``torch.log_softmax``."""
     n_rows = targets.shape[0]
+    distinct = prefixes.distinct
+    row_of = prefixes.row_of
     k_max = int(row_top_k.max()) if n_rows else 0
-    picked: list[torch.Tensor] = []
-    top_rows: list[torch.Tensor] = []
+    # Per distinct row: the most alternatives any row ending that prefix asks for.
+    distinct_k = torch.zeros(distinct, dtype=torch.long).scatter_reduce_(
+        0, row_of, row_top_k, "amax")
+    target_logits = torch.empty(n_rows, dtype=torch.float32)
+    maxima = torch.empty(distinct, dtype=torch.float32)
+    log_sums = torch.empty(distinct, dtype=torch.float32)
+    top_distinct: list[torch.Tensor] = []
     top_values: list[torch.Tensor] = []
     top_ids: list[torch.Tensor] = []
-    buffer: torch.Tensor | None = None  # one for all chunks (see head_only_logits)
-    for start in range(0, n_rows, chunk_rows):
-        stop = min(start + chunk_rows, n_rows)
-        logits = logits_of(start, stop)  # a buffer of ours or a fresh tensor
-        if logits.dtype != torch.float32 or logits.device.type != "cpu":
-            if buffer is None:
-                buffer = torch.empty((min(chunk_rows, n_rows), logits.shape[-1]),
-                                     dtype=torch.float32, device=logits.device)
-            logprobs = torch.log_softmax(logits.float(), dim=-1, out=buffer[: stop - start])
-        else:  # in place on a CPU: one chunk-sized buffer stays in cache, not two
-            logprobs = torch.log_softmax(logits, dim=-1, out=logits)
-        device = logprobs.device
-        picked.append(logprobs.gather(1, targets[start:stop, None].to(device))[:, 0])
-        wanted = torch.nonzero(row_top_k[start:stop])[:, 0]
-        if len(wanted) == 0:
-            continue
-        rows = logprobs if len(wanted) == stop - start else logprobs.index_select(
-            0, wanted.to(device))
-        values, ids = torch.topk(rows, min(k_max, rows.shape[-1]), dim=-1)
-        top_rows.append(wanted + start)
-        top_values.append(values)
-        top_ids.append(ids)
-    token_logprobs = torch.cat(picked).cpu() if picked else torch.empty(0)
-    if not top_rows:
+    for start in range(0, distinct, chunk_rows):
+        stop = min(start + chunk_rows, distinct)
+        logits = logits_of(start, stop)  # [vocabulary, stop - start], ours to overwrite
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        device = logits.device
+        rows = torch.nonzero((row_of >= start) & (row_of < stop))[:, 0]
+        target_logits[rows] = logits[targets[rows].to(device),
+                                     (row_of[rows] - start).to(device)].float().cpu()
+        wanted = torch.nonzero(distinct_k[start:stop])[:, 0]
+        if len(wanted):
+            columns = logits if len(wanted) == stop - start else logits.index_select(
+                1, wanted.to(device))
+            values, ids = torch.topk(columns, min(k_max, columns.shape[0]), dim=0)
+            top_distinct.append(wanted + start)
+            top_values.append(values.t().cpu())
+            top_ids.append(ids.t().cpu())
+        chunk_max = logits.amax(0)
+        # exp(logits - max) in place: one chunk-sized buffer, no second one.
+        log_sum = logits.sub_(chunk_max).exp_().sum(0).log_()
+        maxima[start:stop] = chunk_max.cpu()
+        log_sums[start:stop] = log_sum.cpu()
+    token_logprobs = (target_logits - maxima[row_of]) - log_sums[row_of]
+    if not top_distinct:
         return PackedScores(token_logprobs, None, None)
     k = top_values[0].shape[-1]
-    all_values = torch.zeros((n_rows, k), dtype=torch.float32)
-    all_ids = torch.zeros((n_rows, k), dtype=torch.long)
-    rows_index = torch.cat(top_rows)
-    all_values[rows_index] = torch.cat(top_values).cpu()
-    all_ids[rows_index] = torch.cat(top_ids).cpu()
-    return PackedScores(token_logprobs, all_values, all_ids)
+    distinct_values = torch.zeros((distinct, k), dtype=torch.float32)
+    distinct_ids = torch.zeros((distinct, k), dtype=torch.long)
+    index = torch.cat(top_distinct)
+    distinct_values[index] = ((torch.cat(top_values) - maxima[index, None])
+                              - log_sums[index, None])
+    distinct_ids[index] = torch.cat(top_ids)
+    asked = (row_top_k > 0)[:, None]
+    return PackedScores(token_logprobs,
+                        torch.where(asked, distinct_values[row_of], 0.0),
+                        torch.where(asked, distinct_ids[row_of], 0))
 
 
 def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
                          top_k: Sequence[int], *, chunk_rows: int | None = None,
-                         head_only: bool | None = None) -> list[TextLogprobs]:
+                         head_only: bool | None = None,
+                         vocabulary_major: bool | None = None) -> list[TextLogprobs]:
     """One right-padded forward pass over ``batch``; per text, the logprob of each
     token after the first (``log_softmax(logits[i-1])[token_i]`` in float32) and, where
     ``top_k`` asks, the top-k alternatives at each of those positions.
 
-    ``chunk_rows``: packed rows per chunk (default :func:`default_chunk_rows`).
+    ``chunk_rows``: distinct rows per chunk (default :func:`default_chunk_rows`).
     ``head_only``: apply the output layer to the packed rows only (default: where
     :func:`head_only_applies`); ``False`` forces the full forward.
+    ``vocabulary_major``: how the packed head computes (see :func:`head_only_logits`).
     """
     if head_only is None:
         head_only = head_only_applies(lm.model)
     input_ids, mask = padded_batch(lm, batch)
-    positions = scored_positions(batch, input_ids.shape[1])
+    prefixes = distinct_prefix_rows(batch, input_ids.shape[1])
     targets = torch.tensor([t for ids in batch for t in ids[1:]], dtype=torch.long)
     row_top_k = torch.tensor([k for ids, k in zip(batch, top_k, strict=True)
                               for _ in range(len(ids) - 1)], dtype=torch.long)
@@ -252,8 +289,8 @@ def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
         chunk_rows = default_chunk_rows(lm.model.get_output_embeddings())
     with torch.inference_mode():
         logits_of = (head_only_logits if head_only else full_forward_logits)(
-            lm, input_ids, mask, positions, chunk_rows)
-        scores = chunked_scores(logits_of, targets, row_top_k, chunk_rows)
+            lm, input_ids, mask, prefixes.positions, chunk_rows, vocabulary_major)
+        scores = chunked_scores(logits_of, prefixes, targets, row_top_k, chunk_rows)
     return split_per_text(scores, [len(ids) - 1 for ids in batch], top_k)
 
 

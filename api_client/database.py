@@ -21,6 +21,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _postgres_settings(dbapi_connection: Any, _record: Any) -> None:
+    """Plan every execution of a prepared statement for its parameters and the tables
+    as they are now. psycopg prepares a statement run 5 times on a connection, and
+    PostgreSQL may then keep one generic plan until the table is analyzed: a plan
+    made while ``jobs`` held a few rows (a scan of the table) stayed for a worker's
+    claims as a sweep grew it to thousands (with autovacuum off or behind), and each
+    claim read every job row. Planning these statements takes well under a
+    millisecond."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET plan_cache_mode = force_custom_plan")
+    dbapi_connection.commit()
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url`` with the settings logprobe relies on."""
     if url.startswith("postgresql://"):
@@ -32,6 +45,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    elif engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _postgres_settings)
     return engine
 
 

@@ -7,12 +7,15 @@ parametrized), on tiny GPT-2 and LLaMA models built offline. Benchmarks live in
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
 from sqlalchemy import insert, select
+from sqlalchemy import text as sql_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api_client import JobStatus, SpecError
@@ -21,6 +24,7 @@ from api_client.results import Alternative, SequenceResult, TokenLogprob
 from api_client.schema import Job, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
 from api_client.sweeps import chunk_messages, sweep_specs
+from tests.conftest import make_database
 from worker.backends.base import ProbeOutput
 from worker.backends.hf_score import BatchBudget, run_with_backoff
 from worker.bulk_persistence import claim_many, store_outputs
@@ -287,6 +291,63 @@ def test_claim_many_claims_runnable_jobs_and_gives_up_on_crash_loops(database_ur
     assert (jobs[done].status, jobs[done].attempts, jobs[done].worker) == (
         JobStatus.SUCCEEDED, 1, None)
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_claims_plan_for_the_jobs_table_as_it_is_now(tmp_path: Path) -> None:
+    """A worker's claims find their jobs by primary key however much the table grew
+    since its connection's statements were first planned (PostgreSQL with autovacuum
+    off or behind: no fresh statistics). With cached generic plans, the plan made on a
+    small table (a scan of the table) stayed, and each claim read every job row:
+    PostgreSQL's CPU per tiny probe grew 0.57 -> 1.17 ms over three 3,000-probe sweeps."""
+    database = make_database("postgres", tmp_path)
+    url = next(database)
+    engine = make_engine(url, pool_size=1, max_overflow=0)  # one connection: plans cached
+    sessions = make_sessionmaker(engine)
+    observer = make_engine(url)
+
+    def scans() -> tuple[int, int]:
+        with observer.connect() as connection:
+            return tuple(connection.execute(sql_text(
+                "SELECT seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname = 'jobs'"
+            )).one())
+
+    def flushed_scans(previous: tuple[int, int]) -> tuple[int, int]:
+        """The counters once the claiming connection's statistics reached the server."""
+        with sessions() as session:
+            session.execute(sql_text("SELECT pg_stat_force_next_flush()"))
+            session.commit()
+        deadline = time.monotonic() + 10
+        while (now := scans()) == previous and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return now
+
+    def add_jobs(n: int) -> list[str]:
+        ids = [uuid.uuid4().hex for _ in range(n)]
+        with sessions() as session, session.begin():
+            session.execute(insert(Job), [
+                {"id": i, "kind": "score", "backend": "hf", "model": "m",
+                 "status": JobStatus.QUEUED, "spec": {}, "queue": "q"} for i in ids])
+        return ids
+
+    try:
+        small = add_jobs(8 * 12)
+        for start in range(0, len(small), 8):  # psycopg prepares after 5 executions;
+            with sessions() as session:  # PostgreSQL may go generic after 5 more
+                assert claim_many(session, small[start:start + 8], "w") == small[
+                    start:start + 8]
+        add_jobs(5_000)  # no ANALYZE: the statistics still describe ~100 rows
+        before = flushed_scans(scans())
+        batch = add_jobs(8)
+        with sessions() as session:
+            assert claim_many(session, batch, "w") == batch
+        after = flushed_scans(before)
+        assert after[0] == before[0], "a claim scanned the whole jobs table"
+        assert after[1] > before[1]  # its statements went through an index
+    finally:
+        engine.dispose()
+        observer.dispose()
+        next(database, None)  # drops the database
 
 
 def _stored_tokens(session, job_id: str) -> list[tuple]:

@@ -303,7 +303,8 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
         log(f"tiny compute round {round_ + 1}: {compute[-1]:.0f} probes/s")
     del lm
 
-    results: dict[str, list[float]] = {"logprobe": [], "logprobe2": [], "small": []}
+    results: dict[str, list[float]] = {"logprobe": [], "logprobe2": [], "unshared2": [],
+                                       "small": []}
     memory: list[tuple[float, int]] = []
     # One worker, its defaults: one pool process, torch's default threads.
     worker = start_worker("hf", f"bench.tiny.{uuid.uuid4().hex[:6]}", redis_url, db_url,
@@ -338,6 +339,7 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
     try:
         _tiny_rounds(args, client, model_dir, results["logprobe2"], "two pool processes")
+        _unshared_rounds(args, client, model_dir, results["unshared2"])
     finally:
         client.close()
         worker.stop()
@@ -359,6 +361,10 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
         ours = statistics.median(results[key])
         print(f"| logprobe end to end (rows committed, PostgreSQL), {label} | {ours:.0f} | "
               f"{ours / statistics.median(celery[c]):.2f}x |")
+    unshared = statistics.median(results["unshared2"])
+    print(f"| the same, texts that share no prefix (random ids, the same lengths: the output "
+          f"layer runs on every scored row) | {unshared:.0f} | "
+          f"{unshared / statistics.median(celery[2]):.2f}x |")
     ceiling = statistics.median(compute)
     noop = statistics.median(celery[1])
     print(f"| (model math alone: the worker's score_batch in-process, 64 per batch, no "
@@ -395,6 +401,33 @@ def _tiny_rounds(args: argparse.Namespace, client: Any, model_dir: str, rates: l
         wait_all_succeeded(client, sweep.id, len(texts))
         rates.append(len(texts) / (time.perf_counter() - start))
         log(f"tiny round {round_ + 1}, {label}: {rates[-1]:.0f} probes/s")
+
+
+def _unshared_rounds(args: argparse.Namespace, client: Any, model_dir: str,
+                     rates: list[float]) -> None:
+    """``args.repeats`` sweeps of tiny probes as long as the tiny texts but of random
+    ids: texts that share no prefix, so no scored row shares its logits with another
+    (the tiny texts follow a template; their rows do, see docs/throughput.md)."""
+    import random
+
+    from api_client.specs import ScoreSpec
+    from tests.tiny_models import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    rng = random.Random(11)
+    for round_ in range(args.repeats):
+        lengths = [len(ids) for ids in tokenizer(
+            tiny_texts(args.tiny, seed=100 + round_), add_special_tokens=False)["input_ids"]]
+        id_lists = [[rng.randrange(256, tokenizer.vocab_size) for _ in range(n)]
+                    for n in lengths]
+        start = time.perf_counter()
+        sweep_id = uuid.uuid4().hex
+        client.submit_many([ScoreSpec(model=model_dir, token_ids=ids, reuse=False)
+                            for ids in id_lists], sweep_id=sweep_id)
+        wait_all_succeeded(client, sweep_id, len(id_lists))
+        rates.append(len(id_lists) / (time.perf_counter() - start))
+        log(f"tiny round {round_ + 1}, two pool processes, no shared prefixes: "
+            f"{rates[-1]:.0f} probes/s")
 
 
 def _memory_sweep(args: argparse.Namespace, client: Any, model_dir: str, worker: Any

@@ -34,8 +34,8 @@ from .hf_prefix_rows import PrefixRows, distinct_prefix_rows
 #: big kernels. On a CPU, few rows keep a chunk's float32 logits in cache for the
 #: log-softmax (64 x 50,257 x 4 bytes = 13 MB), but the matrix product of the output
 #: layer wants more rows as the hidden size grows: see :func:`default_chunk_rows`.
-#: A chunk's logits and log-softmax take rows x vocabulary x 8 bytes (10 in half
-#: precision) on top of the forward pass.
+#: A chunk's logits take rows x vocabulary x 4 bytes on top of the forward pass (the
+#: log-softmax works in place; in half precision, 2 bytes plus a float32 copy: 6).
 DEFAULT_CHUNK_ROWS = {"cpu": 64, "mps": 1024, "cuda": 1024}
 #: Most rows per chunk on a CPU, however wide the model.
 CPU_MAX_CHUNK_ROWS = 512

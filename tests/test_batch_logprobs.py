@@ -5,6 +5,7 @@ top-k, on the tiny GPT-2 and LLaMA, against a plain forward pass per text alone.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,30 @@ def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
                 [[i] for i in top.indices.tolist()])
     if texts == "distinct":
         assert prefixes.distinct > 64  # more than one chunk even at the CPU default
+
+
+def test_padding_stays_inside_a_smaller_vocabulary(tmp_path: Path) -> None:
+    """A model whose vocabulary is smaller than its tokenizer's (the tokenizer's EOS,
+    50256, is no id of the model) is padded with an id it has: texts of different
+    lengths in one batch score as each alone (before: "index out of range in self")."""
+    from tests.tiny_models import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=1000, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    gpt2_tokenizer().save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), None, None, "cpu")
+    assert lm.eos_token_id is not None and lm.eos_token_id >= lm.vocab_size
+    id_lists = [[5, 17, 400, 999, 3], [7, 8], [900, 1, 2, 3, 4, 5, 6, 7]]
+    specs = [ScoreSpec(model=str(tmp_path), token_ids=ids) for ids in id_lists]
+    outputs = score_batch(lm, specs, BatchBudget(tokens=1000))
+    for ids, out in zip(id_lists, outputs, strict=True):
+        assert not isinstance(out, Exception), out
+        assert out.provenance["batch_size"] == len(id_lists)
+        got = torch.tensor([t.logprob for t in out.sequences[0].tokens[1:]])
+        want = alone(lm, ids).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(got, want, atol=TOL, rtol=0)
 
 
 def test_distinct_prefix_rows() -> None:

@@ -114,9 +114,13 @@ def default_chunk_rows(head: torch.nn.Module) -> int:
 
 def padded_batch(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor,
                                                                         torch.Tensor]:
-    """``batch`` right-padded (with EOS, else 0) as ``(input_ids, attention_mask)``."""
+    """``batch`` right-padded (with EOS where the model has it, else 0) as
+    ``(input_ids, attention_mask)``."""
     longest = max(len(ids) for ids in batch)
-    pad = lm.eos_token_id if lm.eos_token_id is not None else 0
+    # Any id the model embeds will do (padding is masked): EOS, unless the tokenizer's
+    # EOS lies outside the model's vocabulary (a tokenizer larger than the model).
+    eos = lm.eos_token_id
+    pad = eos if eos is not None and eos < lm.vocab_size else 0
     # One tensor from padded lists, one comparison for the mask: a tensor and two
     # slice assignments per text cost a 64-text batch of tiny probes ~1 ms.
     input_ids = torch.tensor([[*ids, *[pad] * (longest - len(ids))] for ids in batch],

@@ -6,7 +6,10 @@ weights in float16, saves it with ``save_pretrained`` (about 13.5 GB), starts
 ``logprobe worker --backend hf --gpu N`` for every visible GPU on one queue, and
 submits score and generate jobs through the normal client. It prints tokens/s for
 scoring (prompt tokens scored per second) and for greedy generation (new tokens
-per second), over all GPUs and per job, from the job rows' own timestamps.
+per second), over all GPUs and per job, from the job rows' own timestamps. Then
+issue 6's GPU targets: a sweep of ``--ratio-texts`` texts scored end to end
+through the queue (rows committed) against the bare batched forward pass and the
+notebook loop on GPU 0, same model, dtype and ids (targets: >= 0.9x and >= 5x).
 
     python bench/gpu_check.py                   # on a machine with NVIDIA GPUs
     python bench/gpu_check.py --shape tiny      # a CPU smoke test of this script
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +139,98 @@ def run_batch(client: object, jobs: list, what: str, tokens_of: object) -> None:
           flush=True)
 
 
+def scoring_ratios(client: object, queue: str, model_dir: Path, dtype: str, device: str,
+                   spec_device: str | None, args: argparse.Namespace, workers: int) -> None:
+    """Issue 6's GPU targets: logprobe end to end (a sweep through the queue, every
+    token row committed) against the bare batched forward pass (full logits, nothing
+    else) and the notebook loop (one ``model(ids, labels=ids)`` and log-softmax per
+    text), both run in this process on ``device`` with the same model, dtype and token
+    ids. Texts have the lengths of the CPU benchmark's paragraphs (random ids: the
+    GPT-2 tokenizer's ids run past this vocabulary). Methods interleaved, medians."""
+    import statistics
+
+    import torch
+    from sqlalchemy import func, select
+    from transformers import AutoModelForCausalLM
+
+    from api_client.schema import Job, Token
+    from api_client.specs import ScoreSpec
+    from bench.corpus import paragraphs
+    from bench.throughput import wait_all_succeeded
+    from tests.tiny_models import gpt2_tokenizer
+    from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget
+
+    lengths = [len(ids) + 1 for ids in gpt2_tokenizer()(  # + 1: BOS, as there
+        paragraphs(args.ratio_texts), add_special_tokens=False)["input_ids"]]
+    rng = random.Random(1)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    id_lists = [[1, *(rng.randrange(3, vocab) for _ in range(n - 1))] for n in lengths]
+    n_scored = sum(n - 1 for n in lengths)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+    plan = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[torch.device(device).type]).plan(lengths)
+
+    def synchronize() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    def bare_batched_forward() -> None:
+        with torch.inference_mode():
+            for batch in plan:
+                rows = [id_lists[i] for i in batch]
+                longest = max(len(r) for r in rows)
+                x = torch.tensor([[*r, *[2] * (longest - len(r))] for r in rows], device=device)
+                n = torch.tensor([len(r) for r in rows], device=device)
+                mask = (torch.arange(longest, device=device)[None, :] < n[:, None]).long()
+                model(input_ids=x, attention_mask=mask)
+        synchronize()
+
+    def notebook_loop() -> None:
+        with torch.no_grad():
+            for ids in id_lists:
+                x = torch.tensor([ids], device=device)
+                logprobs = torch.log_softmax(model(x, labels=x).logits[0, :-1].float(), -1)
+                logprobs.gather(1, x[0, 1:, None]).sum().item()
+
+    def end_to_end() -> None:
+        sweep_id = uuid.uuid4().hex
+        client.submit_many([ScoreSpec(model=str(model_dir), token_ids=ids, dtype=dtype,
+                                      device=spec_device, reuse=False)
+                            for ids in id_lists], sweep_id=sweep_id, queue=queue)
+        # GPU rounds are short: poll every 20 ms, not the CPU benchmark's 50.
+        wait_all_succeeded(client, sweep_id, len(id_lists), interval=0.02)
+        with client.session() as session:
+            rows = session.scalar(select(func.count()).select_from(Token).join(
+                Job, Job.id == Token.job_id).where(Job.sweep_id == sweep_id))
+        assert rows == n_scored + len(id_lists), (rows, n_scored + len(id_lists))
+
+    methods = {"bare batched forward (full logits, nothing else)": bare_batched_forward,
+               "notebook loop (model(ids, labels=ids) + log_softmax)": notebook_loop,
+               f"logprobe end to end ({workers} worker(s), rows committed)": end_to_end}
+    for fn in methods.values():  # warm-up: kernels, allocator, the workers' first batch
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(args.ratio_rounds):
+        for name, fn in methods.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    bare, notebook, ours = med.values()
+    print(f"\nscoring {len(id_lists)} texts, {n_scored} scored tokens, {dtype} on {device}, "
+          f"{args.ratio_rounds} rounds (medians):", flush=True)
+    print("| method | median s | tokens/s | vs bare forward | vs notebook loop |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, seconds in med.items():
+        print(f"| {name} | {seconds:.2f} | {n_scored / seconds:.0f} | {bare / seconds:.2f}x "
+              f"| {notebook / seconds:.2f}x |")
+    print(f"issue 6 on this device: end to end {bare / ours:.2f}x the bare forward "
+          f"(target >= 0.9x), {notebook / ours:.2f}x the notebook loop (target >= 5x); "
+          "all rounds (s): " + "; ".join(
+              f"{name.split(' (')[0]}: {', '.join(f'{t:.2f}' for t in ts)}"
+              for name, ts in times.items()), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +241,10 @@ def main() -> int:
     parser.add_argument("--score-tokens", type=int, default=1024)
     parser.add_argument("--generate-jobs", type=int, default=2, help="generate jobs per worker")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--ratio-texts", type=int, default=512,
+                        help="texts for the end-to-end / bare forward / notebook comparison "
+                             "(0 skips it)")
+    parser.add_argument("--ratio-rounds", type=int, default=3)
     args = parser.parse_args()
 
     n_gpus = gpu_count()
@@ -197,6 +297,9 @@ def main() -> int:
             gen_jobs = [client.generate(PROMPT, max_new_tokens=args.new_tokens, **options)
                         for _ in range(args.generate_jobs * len(gpus))]
             run_batch(client, gen_jobs, "generation", lambda r: len(r.tokens))
+            if args.ratio_texts:
+                scoring_ratios(client, queue, model_dir, dtype, "cuda:0" if n_gpus else "cpu",
+                               device, args, len(gpus))
     finally:
         stop_workers(workers)
         if not os.environ.get("LOGPROBE_REDIS_URL"):

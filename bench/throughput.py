@@ -118,9 +118,10 @@ def lm_eval_rolling(lm: Any, texts: list[str]) -> float:
 
 # --- logprobe end to end ----------------------------------------------------------------
 
-def wait_all_succeeded(client: Any, sweep_id: str, n: int, timeout: float = 3600) -> None:
-    """Poll (every 50 ms, one indexed count on jobs.sweep_id over one held connection)
-    until n jobs finished.
+def wait_all_succeeded(client: Any, sweep_id: str, n: int, timeout: float = 3600,
+                       interval: float = 0.05) -> None:
+    """Poll (every ``interval`` s, one indexed count on jobs.sweep_id over one held
+    connection) until n jobs finished; raise if any failed.
 
     Each poll costs CPU here and in PostgreSQL that the worker's 2-thread matrix
     products share on a 2-core machine: a fresh ORM session per poll cost ~2.7 ms of
@@ -143,7 +144,7 @@ def wait_all_succeeded(client: Any, sweep_id: str, n: int, timeout: float = 3600
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{done}/{n} jobs done after {timeout}s")
-            time.sleep(0.05)
+            time.sleep(interval)
     with client.session() as session:
         failed = session.scalars(select(Job.error).where(
             Job.sweep_id == sweep_id, Job.status != JobStatus.SUCCEEDED)).all()

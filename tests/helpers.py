@@ -1,4 +1,4 @@
-"""Test helpers: real worker processes and throwaway PostgreSQL databases."""
+"""Test helpers: real worker processes, throwaway PostgreSQL databases, job rows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
     from api_client import Client
+    from api_client.schema import JobStatus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,3 +125,21 @@ def max_in_rolling_window(times: list[float], window: float) -> int:
             start += 1
         best = max(best, end - start + 1)
     return best
+
+
+def add_jobs(sessions: sessionmaker[Session], n: int,
+             status: JobStatus | None = None) -> list[str]:
+    """``n`` bare score jobs (``queued`` unless ``status`` says), in one transaction;
+    their ids."""
+    import uuid
+
+    from sqlalchemy import insert
+
+    from api_client.schema import Job, JobStatus
+
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    with sessions() as session, session.begin():
+        session.execute(insert(Job), [
+            {"id": i, "kind": "score", "backend": "hf", "model": "m",
+             "status": status or JobStatus.QUEUED, "spec": {}, "queue": "q"} for i in ids])
+    return ids

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api_client.database import alembic_config, make_engine, make_sessionmaker
 from api_client.schema import STATEMENT_CHECKED_TABLES, Job, JobStatus, Token, TopLogprob
+from tests import helpers
 from tests.conftest import make_database
 from worker.output_rows import TOKEN_COLUMNS, TOP_COLUMNS, insert_rows
 
@@ -40,12 +41,7 @@ INTEGRITY_ERRORS = (IntegrityError, psycopg.IntegrityError)
 
 
 def add_jobs(sessions: sessionmaker[Session], n: int) -> list[str]:
-    ids = [uuid.uuid4().hex for _ in range(n)]
-    with sessions() as session, session.begin():
-        session.execute(insert(Job), [
-            {"id": i, "kind": "score", "backend": "hf", "model": "m",
-             "status": JobStatus.RUNNING, "spec": {}, "queue": "q"} for i in ids])
-    return ids
+    return helpers.add_jobs(sessions, n, JobStatus.RUNNING)
 
 
 def token_rows(job_id: str, n: int = 5) -> list[tuple[object, ...]]:

@@ -25,6 +25,7 @@ from api_client.schema import Job, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
 from api_client.sweeps import chunk_messages, sweep_specs
 from tests.conftest import make_database
+from tests.helpers import add_jobs
 from worker.backends.base import ProbeOutput
 from worker.backends.hf_score import BatchBudget, run_with_backoff
 from worker.bulk_persistence import claim_many, store_outputs
@@ -322,23 +323,15 @@ def test_claims_plan_for_the_jobs_table_as_it_is_now(tmp_path: Path) -> None:
             time.sleep(0.05)
         return now
 
-    def add_jobs(n: int) -> list[str]:
-        ids = [uuid.uuid4().hex for _ in range(n)]
-        with sessions() as session, session.begin():
-            session.execute(insert(Job), [
-                {"id": i, "kind": "score", "backend": "hf", "model": "m",
-                 "status": JobStatus.QUEUED, "spec": {}, "queue": "q"} for i in ids])
-        return ids
-
     try:
-        small = add_jobs(8 * 12)
+        small = add_jobs(sessions, 8 * 12)
         for start in range(0, len(small), 8):  # psycopg prepares after 5 executions;
             with sessions() as session:  # PostgreSQL may go generic after 5 more
                 assert claim_many(session, small[start:start + 8], "w") == small[
                     start:start + 8]
-        add_jobs(5_000)  # no ANALYZE: the statistics still describe ~100 rows
+        add_jobs(sessions, 5_000)  # no ANALYZE: the statistics still describe ~100 rows
         before = flushed_scans(scans())
-        batch = add_jobs(8)
+        batch = add_jobs(sessions, 8)
         with sessions() as session:
             assert claim_many(session, batch, "w") == batch
         after = flushed_scans(before)

@@ -150,13 +150,16 @@ def scoring_ratios(client: object, queue: str, model_dir: Path, dtype: str, devi
     import statistics
 
     import torch
-    from sqlalchemy import func, select
     from transformers import AutoModelForCausalLM
 
-    from api_client.schema import Job, Token
     from api_client.specs import ScoreSpec
     from bench.corpus import paragraphs
-    from bench.throughput import wait_all_succeeded
+    from bench.throughput import (
+        bare_batched_forward,
+        notebook_loop,
+        sweep_token_rows,
+        wait_all_succeeded,
+    )
     from tests.tiny_models import gpt2_tokenizer
     from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget
 
@@ -170,28 +173,6 @@ def scoring_ratios(client: object, queue: str, model_dir: Path, dtype: str, devi
     model = model.to(device).eval()
     plan = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[torch.device(device).type]).plan(lengths)
 
-    def synchronize() -> None:
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-
-    def bare_batched_forward() -> None:
-        with torch.inference_mode():
-            for batch in plan:
-                rows = [id_lists[i] for i in batch]
-                longest = max(len(r) for r in rows)
-                x = torch.tensor([[*r, *[2] * (longest - len(r))] for r in rows], device=device)
-                n = torch.tensor([len(r) for r in rows], device=device)
-                mask = (torch.arange(longest, device=device)[None, :] < n[:, None]).long()
-                model(input_ids=x, attention_mask=mask)
-        synchronize()
-
-    def notebook_loop() -> None:
-        with torch.no_grad():
-            for ids in id_lists:
-                x = torch.tensor([ids], device=device)
-                logprobs = torch.log_softmax(model(x, labels=x).logits[0, :-1].float(), -1)
-                logprobs.gather(1, x[0, 1:, None]).sum().item()
-
     def end_to_end() -> None:
         sweep_id = uuid.uuid4().hex
         client.submit_many([ScoreSpec(model=str(model_dir), token_ids=ids, dtype=dtype,
@@ -199,13 +180,13 @@ def scoring_ratios(client: object, queue: str, model_dir: Path, dtype: str, devi
                             for ids in id_lists], sweep_id=sweep_id, queue=queue)
         # GPU rounds are short: poll every 20 ms, not the CPU benchmark's 50.
         wait_all_succeeded(client, sweep_id, len(id_lists), interval=0.02)
-        with client.session() as session:
-            rows = session.scalar(select(func.count()).select_from(Token).join(
-                Job, Job.id == Token.job_id).where(Job.sweep_id == sweep_id))
+        rows = sweep_token_rows(client, sweep_id)
         assert rows == n_scored + len(id_lists), (rows, n_scored + len(id_lists))
 
-    methods = {"bare batched forward (full logits, nothing else)": bare_batched_forward,
-               "notebook loop (model(ids, labels=ids) + log_softmax)": notebook_loop,
+    methods = {"bare batched forward (full logits, nothing else)":
+                   lambda: bare_batched_forward(model, id_lists, plan, 2, device),
+               "notebook loop (model(ids, labels=ids) + log_softmax)":
+                   lambda: notebook_loop(model, id_lists, device),
                f"logprobe end to end ({workers} worker(s), rows committed)": end_to_end}
     for fn in methods.values():  # warm-up: kernels, allocator, the workers' first batch
         fn()

@@ -83,11 +83,11 @@ def build_small_vocab_gpt2(path: Path, vocab: int = 1024, seed: int = 0) -> Path
 
 # --- the baselines, in this process -------------------------------------------------------
 
-def notebook_loop(model: Any, id_lists: list[list[int]]) -> float:
+def notebook_loop(model: Any, id_lists: list[list[int]], device: str = "cpu") -> float:
     total = 0.0
     with torch.no_grad():
         for ids in id_lists:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             out = model(x, labels=x)
             logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
             total += logprobs.gather(1, x[0, 1:, None]).sum().item()
@@ -95,7 +95,9 @@ def notebook_loop(model: Any, id_lists: list[list[int]]) -> float:
 
 
 def bare_batched_forward(model: Any, id_lists: list[list[int]], plan: list[list[int]],
-                         pad: int) -> None:
+                         pad: int, device: str = "cpu") -> None:
+    """Each batch of ``plan`` right-padded with ``pad`` through ``model`` on ``device``
+    (inputs built on the CPU, then moved); waits for a GPU to finish."""
     with torch.inference_mode():
         for batch in plan:
             rows = [id_lists[i] for i in batch]
@@ -105,7 +107,9 @@ def bare_batched_forward(model: Any, id_lists: list[list[int]], plan: list[list[
             for r, ids in enumerate(rows):
                 x[r, : len(ids)] = torch.tensor(ids)
                 mask[r, : len(ids)] = 1
-            model(input_ids=x, attention_mask=mask)
+            model(input_ids=x.to(device), attention_mask=mask.to(device))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def lm_eval_rolling(lm: Any, texts: list[str]) -> float:
@@ -152,17 +156,22 @@ def wait_all_succeeded(client: Any, sweep_id: str, n: int, timeout: float = 3600
         raise RuntimeError(f"{len(failed)} jobs failed, e.g. {failed[0]}")
 
 
-def logprobe_end_to_end(client: Any, texts: list[str], model_dir: str,
-                        expected_rows: int) -> None:
+def sweep_token_rows(client: Any, sweep_id: str) -> int:
+    """How many token rows the sweep's jobs have in SQL."""
     from sqlalchemy import func, select
 
     from api_client.schema import Job, Token
 
+    with client.session() as session:
+        return session.scalar(select(func.count()).select_from(Token).join(
+            Job, Job.id == Token.job_id).where(Job.sweep_id == sweep_id))
+
+
+def logprobe_end_to_end(client: Any, texts: list[str], model_dir: str,
+                        expected_rows: int) -> None:
     sweep = client.sweep(texts, models=[model_dir], prepend_bos=True, reuse=False)
     wait_all_succeeded(client, sweep.id, len(texts))
-    with client.session() as session:
-        rows = session.scalar(select(func.count()).select_from(Token).join(
-            Job, Job.id == Token.job_id).where(Job.sweep_id == sweep.id))
+    rows = sweep_token_rows(client, sweep.id)
     assert rows == expected_rows, (rows, expected_rows)
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from api_client.specs import ScoreSpec
-from worker.backends.hf_batch_logprobs import head_only_applies
+from worker.backends.hf_batch_logprobs import default_chunk_rows, head_only_applies
 from worker.backends.hf_common import alternatives_from_topk
 from worker.backends.hf_models import LoadedModel, load_model
 from worker.backends.hf_prefix_rows import distinct_prefix_rows
@@ -27,6 +27,7 @@ TEXTS = [
     "Short one.",
     "Logprobs, losses and top-k alternatives: all of them per token, in float32.",
     "ok then",  # two tokens: a single scored row
+    "Then " + "really " * 50 + "long, so that the texts fill more than one default chunk.",
 ]
 TOP_K = [5 if i % 2 else 0 for i in range(len(TEXTS))]
 #: Texts that begin alike (a template, a text and its extension, a duplicate), each
@@ -61,15 +62,18 @@ def alone(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize(("head_only", "vocabulary_major"), [
-    (None, None),  # on this CPU: the packed head, vocabulary-major
-    (None, False),  # the packed head as on a GPU
-    (False, None),  # the full forward
-], ids=["packed-head", "packed-head-row-major", "full-forward"])
+@pytest.mark.parametrize(("head_only", "vocabulary_major", "vocabulary_tile"), [
+    (None, None, None),  # on this CPU: the packed head, vocabulary-major, in tiles
+    (None, None, 999),  # tiles of an odd size, the last one short
+    (None, False, 10**6),  # the packed head as on a GPU: row-major, one tile
+    (False, None, None),  # the full forward
+], ids=["packed-head", "packed-head-999-id-tiles", "packed-head-row-major-one-tile",
+        "full-forward"])
 @pytest.mark.parametrize("chunk_rows", [None, 7], ids=["default-chunks", "7-row-chunks"])
 @pytest.mark.parametrize("texts", ["distinct", "shared-prefixes"])
 def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
                                        vocabulary_major: bool | None,
+                                       vocabulary_tile: int | None,
                                        chunk_rows: int | None, texts: str) -> None:
     lm = loaded(model_path)
     assert head_only_applies(lm.model)  # so head_only=None takes the packed-head path
@@ -78,7 +82,8 @@ def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
     specs = [ScoreSpec(model=model_path, text=text, top_logprobs=k)
              for text, k in zip(batch, top_k, strict=True)]
     outputs = score_batch(lm, specs, BatchBudget(tokens=10_000), chunk_rows=chunk_rows,
-                          head_only=head_only, vocabulary_major=vocabulary_major)
+                          head_only=head_only, vocabulary_major=vocabulary_major,
+                          vocabulary_tile=vocabulary_tile)
     all_ids = [[t.token_id for t in out.sequences[0].tokens] for out in outputs]
     prefixes = distinct_prefix_rows(all_ids, max(map(len, all_ids)))
     if texts == "shared-prefixes":  # the output layer ran on fewer rows than scored
@@ -105,7 +110,8 @@ def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
             assert [a.token for a in token.top_logprobs] == lm.tokenizer.batch_decode(
                 [[i] for i in top.indices.tolist()])
     if texts == "distinct":
-        assert prefixes.distinct > 64  # more than one chunk even at the CPU default
+        # More than one chunk even at the CPU default.
+        assert prefixes.distinct > default_chunk_rows(lm.model.get_output_embeddings())
 
 
 def test_padding_stays_inside_a_smaller_vocabulary(tmp_path: Path) -> None:

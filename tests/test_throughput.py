@@ -236,8 +236,16 @@ def test_bulk_store_writes_exactly_the_rows(database_url: str) -> None:
         assert claim_many(session, ids, "w") == ids
     outputs = [(ids[0], _output(5, 2, 0)), (ids[1], _output(7, 0, 1)),
                (ids[2], _output(3, 3, 2))]
+    # Columns of every type the job row has: set on one job (its own UPDATE), and
+    # NULL on every job of the other UPDATE (no value there to tell their type).
+    nulls = {"spec_hash": None, "request_params": None, "seed": None, "deterministic": None,
+             "prompt_tokens": None}
+    extra = {ids[0]: nulls, ids[2]: nulls,
+             ids[1]: {"spec_hash": "h" * 64, "request_params": {"seed": 5, "n": [1, 2]},
+                      "seed": 2**40 + 1, "deterministic": True, "prompt_tokens": 7,
+                      "system_fingerprint": "fp_1"}}
     with sessions() as session:
-        assert store_outputs(session, outputs) == ids
+        assert store_outputs(session, outputs, extra) == ids
     with sessions() as session:  # idempotent: finished jobs are not written again
         assert store_outputs(session, outputs) == []
         assert claim_many(session, ids, "w") == []
@@ -263,7 +271,14 @@ def test_bulk_store_writes_exactly_the_rows(database_url: str) -> None:
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids)))}
         assert [jobs[i].status for i in ids] == [JobStatus.SUCCEEDED] * 3
         assert [jobs[i].loss for i in ids] == [1.0, 2.0, 3.0]
-        assert {jobs[i].batch_size for i in ids} == {3}
+        assert [jobs[i].num_scored_tokens for i in ids] == [4, 6, 2]
+        assert {(jobs[i].batch_size, jobs[i].dtype, jobs[i].sum_logprob, jobs[i].partial,
+                 jobs[i].error) for i in ids} == {(3, "float32", -2.0, False, None)}
+        assert all(jobs[i].finished_at >= jobs[i].started_at for i in ids)
+        assert len({jobs[i].output_hash for i in ids}) == 3
+        assert [(jobs[i].spec_hash, jobs[i].request_params, jobs[i].seed,
+                 jobs[i].deterministic, jobs[i].prompt_tokens, jobs[i].system_fingerprint)
+                for i in ids] == [(None,) * 6, tuple(extra[ids[1]].values()), (None,) * 6]
     engine.dispose()
 
 

@@ -9,6 +9,7 @@ databases, one executemany per table.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from api_client.determinism import output_hash
@@ -126,11 +128,49 @@ def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
                 **extra.get(job_id, {}),
             }
             by_keys[tuple(sorted(values))].append(values)
-        jobs = Job.__table__
-        for keys, group in by_keys.items():  # one Core executemany per set of columns
-            statement = (update(jobs).where(jobs.c.id == bindparam("v_id"))
-                         .values({key: bindparam(f"v_{key}") for key in keys if key != "id"}))
-            session.connection().execute(
-                statement, [{f"v_{key}": value for key, value in values.items()}
-                            for values in group])
+        for keys, group in by_keys.items():
+            _update_jobs(session, keys, group)
     return todo_ids
+
+
+def _update_jobs(session: Session, keys: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """Set ``keys`` (``id`` among them) of each job in ``rows`` to its values.
+
+    On PostgreSQL (psycopg 3), one ``UPDATE jobs ... FROM unnest(<one array per
+    column>)`` for all rows: one statement planned and run, where an executemany runs
+    one UPDATE per job (each planned: see ``plan_cache_mode`` in
+    :mod:`api_client.database`), and its text depends only on ``keys``. Elsewhere
+    one executemany.
+    """
+    jobs = Job.__table__
+    connection = session.connection()
+    dialect = connection.dialect
+    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+        arrays = []
+        for key in keys:  # each value as SQLAlchemy would bind it (enum, JSON)
+            process = jobs.c[key].type.dialect_impl(dialect).bind_processor(dialect)
+            column_values = [row[key] for row in rows]
+            arrays.append([process(v) for v in column_values] if process else column_values)
+        ids = arrays[list(keys).index("id")]
+        connection.exec_driver_sql(_update_from_arrays(tuple(keys), dialect), (*arrays, ids))
+        return
+    statement = (update(jobs).where(jobs.c.id == bindparam("v_id"))
+                 .values({key: bindparam(f"v_{key}") for key in keys if key != "id"}))
+    connection.execute(statement, [{f"v_{key}": value for key, value in row.items()}
+                                   for row in rows])
+
+
+@functools.cache
+def _update_from_arrays(keys: tuple[str, ...], dialect: Dialect) -> str:
+    """``UPDATE jobs`` of ``keys`` from one array parameter per key (``%s``, in order),
+    each cast to an array of its column's type (an array of only NULLs has none), and
+    the ids' array again."""
+    jobs = Job.__table__
+    arrays = ", ".join(f"CAST(%s AS {jobs.c[key].type.compile(dialect=dialect)}[])"
+                       for key in keys)
+    assignments = ", ".join(f"{key} = given.{key}" for key in keys if key != "id")
+    # "jobs.id = ANY(the ids)" finds the rows by primary key, whatever the planner
+    # thinks of the table's size (a join alone was planned as a scan of every job).
+    return (f"UPDATE jobs SET {assignments} FROM unnest({arrays}) AS given "
+            f"({', '.join(keys)}) WHERE jobs.id = ANY(CAST(%s AS VARCHAR[])) "
+            "AND jobs.id = given.id")

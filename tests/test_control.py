@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from api_client.constants import cancel_key, progress_key
-from worker.control import JobControl, Monitor, live_state
+from worker.control import JobControl, LiveState, Monitor, live_state
 
 
 @pytest.fixture
@@ -43,6 +43,13 @@ def test_live_state_reads_heartbeats_and_cancel_flags(redis_client) -> None:
         assert list(state.running_elsewhere) == [fresh]
         assert f"pid {parent}" in state.running_elsewhere[fresh]
         assert state.cancelled == {flagged}
+        # Each read only where something exists: a flag and no heartbeat, and back.
+        only_flag = live_state(redis_client, [idle, flagged])
+        assert (only_flag.running_elsewhere, only_flag.cancelled) == ({}, {flagged})
+        only_heartbeat = live_state(redis_client, [idle, stale, fresh])
+        assert (list(only_heartbeat.running_elsewhere), only_heartbeat.cancelled) == (
+            [fresh], set())
+        assert live_state(redis_client, [idle]) == LiveState({}, set())
         assert live_state(redis_client, []).running_elsewhere == {}
     finally:
         redis_client.delete(*(progress_key(i) for i in (fresh, final, stale)),

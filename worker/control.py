@@ -190,7 +190,9 @@ class LiveState:
 
 
 def live_state(redis: Any, job_ids: list[str]) -> LiveState:
-    """Heartbeats and cancel flags of ``job_ids``, in one Redis round trip.
+    """Heartbeats and cancel flags of ``job_ids``: one Redis round trip of two
+    ``EXISTS`` (a message's first delivery has no heartbeat, almost never a flag),
+    then one to read those that exist.
 
     A message can be delivered again while its jobs still run: the broker connection
     dropped and Celery restored the unacknowledged message, or a visibility timeout
@@ -204,15 +206,27 @@ def live_state(redis: Any, job_ids: list[str]) -> LiveState:
         return LiveState({}, set())
     try:
         pipe = redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hgetall(progress_key(job_id))
-        _queue_cancel_flags(pipe, job_ids)
-        replies = pipe.execute()
+        pipe.exists(*(progress_key(job_id) for job_id in job_ids))
+        pipe.exists(*(cancel_key(job_id) for job_id in job_ids))
+        any_heartbeat, any_flag = pipe.execute()
+        heartbeats: list[dict[bytes, bytes]] = [{}] * len(job_ids)
+        flags = [0] * len(job_ids)
+        if any_heartbeat or any_flag:
+            pipe = redis.pipeline(transaction=False)
+            if any_heartbeat:
+                for job_id in job_ids:
+                    pipe.hgetall(progress_key(job_id))
+            if any_flag:
+                _queue_cancel_flags(pipe, job_ids)
+            replies = pipe.execute()
+            if any_heartbeat:
+                heartbeats, replies = replies[: len(job_ids)], replies[len(job_ids):]
+            if any_flag:
+                flags = replies
     except Exception as exc:
         log.warning("could not read the heartbeats and cancel flags of %d jobs: %s",
                     len(job_ids), exc)
         return LiveState({}, set())
-    heartbeats, flags = replies[: len(job_ids)], replies[len(job_ids):]
     owners = {}
     for job_id, raw in zip(job_ids, heartbeats, strict=True):
         owner = _live_owner({k.decode(): v.decode() for k, v in raw.items()})

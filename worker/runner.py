@@ -142,9 +142,10 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
 def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
     """Claim the jobs, run the claimed ones on their backend, store every outcome.
 
-    ``items`` are ``{"id", "spec", "time_limit"?}``. Claiming is one Redis round trip
-    for heartbeats and cancel flags (jobs another live process is running are left to
-    it; a job whose flag is set is cancelled without running) and one SQL transaction.
+    ``items`` are ``{"id", "spec", "time_limit"?}``. Claiming reads heartbeats and
+    cancel flags in Redis (:func:`live_state`: jobs another live process is running are
+    left to it; a job whose flag is set is cancelled without running) and is one SQL
+    transaction.
     """
     state = process_state()
     items = list(items)

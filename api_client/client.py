@@ -18,6 +18,7 @@ from .broker import (
     max_job_time_limit,
     soft_limit_grace,
 )
+from .bulk_insert import insert_rows
 from .constants import TASK_RUN_PROBES, default_queue
 from .database import ensure_schema, make_engine, make_sessionmaker
 from .determinism import config_hash_of
@@ -165,7 +166,7 @@ class Client:
         for spec in parsed:
             check_logits_size_at_submit(spec, self.settings.max_logits_bytes)
         now = datetime.now(timezone.utc)
-        rows = [  # column values, not ORM objects: thousands of jobs go in one executemany
+        rows = [  # column values, not ORM objects: thousands of jobs go in at once
             {
                 "id": uuid.uuid4().hex,
                 "kind": spec.kind,
@@ -195,10 +196,11 @@ class Client:
                     producer = stack.enter_context(self.celery.producer_or_acquire())
                 except Exception as exc:
                     raise self._broker_error(exc) from exc
+                columns = tuple(rows[0])
                 for queue_name, items in chunk_messages(rows, chunk_size or self.chunk_size):
-                    with session.begin():
-                        session.connection().execute(
-                            Job.__table__.insert(), [by_id[item["id"]] for item in items])
+                    with session.begin():  # PostgreSQL: one COPY, not an INSERT per job
+                        insert_rows(session, Job, columns,
+                                    [tuple(by_id[item["id"]].values()) for item in items])
                     written.extend(item["id"] for item in items)
                     try:
                         self._send(producer, queue_name, items)

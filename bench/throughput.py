@@ -534,9 +534,10 @@ def _wait_counter(counter: Any, n: int, timeout: float = 600) -> None:
 def ingestion_section(args: argparse.Namespace, db_url: str) -> None:
     from sqlalchemy import insert
 
+    from api_client.bulk_insert import insert_rows
     from api_client.database import make_engine, make_sessionmaker
     from api_client.schema import Job, JobStatus, Token
-    from worker.output_rows import TOKEN_COLUMNS, insert_rows
+    from worker.output_rows import TOKEN_COLUMNS
 
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)

@@ -16,11 +16,12 @@ from sqlalchemy import Engine, func, insert, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from api_client.bulk_insert import insert_rows
 from api_client.database import alembic_config, make_engine, make_sessionmaker
 from api_client.schema import STATEMENT_CHECKED_TABLES, Job, JobStatus, Token, TopLogprob
 from tests import helpers
 from tests.conftest import make_database
-from worker.output_rows import TOKEN_COLUMNS, TOP_COLUMNS, insert_rows
+from worker.output_rows import TOKEN_COLUMNS, TOP_COLUMNS
 
 
 @pytest.fixture

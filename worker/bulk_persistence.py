@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
+from api_client.bulk_insert import insert_rows
 from api_client.determinism import output_hash
 from api_client.schema import Job, JobStatus, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
@@ -30,7 +31,6 @@ from .output_rows import (
     TOKEN_COLUMNS,
     TOP_COLUMNS,
     delete_rows,
-    insert_rows,
     output_rows,
 )
 from .persistence import DEFAULT_MAX_ATTEMPTS

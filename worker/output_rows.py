@@ -1,4 +1,4 @@
-"""A job's output as table rows, and inserting rows in bulk.
+"""A job's output as table rows (inserted by :func:`api_client.bulk_insert.insert_rows`).
 
 Both ways of storing results (:mod:`worker.persistence`, one job;
 :mod:`worker.bulk_persistence`, a batch) turn outputs into the same rows here.
@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from api_client.schema import Artifact, Token, TopLogprob
@@ -59,24 +59,6 @@ def output_rows(items: Iterable[tuple[str, ProbeOutput]]) -> OutputRows:
                     alternatives.append((job_id, index, tok.position, rank, alt.token_id,
                                          storable_text(alt.token), alt.logprob))
     return OutputRows(sequences, tokens, alternatives)
-
-
-def insert_rows(session: Session, model: type, columns: Sequence[str],
-                rows: Sequence[tuple[Any, ...]]) -> None:
-    """Insert ``rows`` (tuples in ``columns`` order) into ``model``'s table in the
-    session's transaction: ``COPY`` on PostgreSQL (psycopg 3), executemany elsewhere."""
-    if not rows:
-        return
-    connection = session.connection()
-    if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
-        raw = connection.connection.driver_connection
-        table = model.__table__.name  # type: ignore[attr-defined]
-        statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-        with raw.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
-            for row in rows:
-                copy.write_row(row)
-        return
-    connection.execute(insert(model), [dict(zip(columns, row, strict=True)) for row in rows])
 
 
 def delete_rows(session: Session, job_ids: Sequence[str]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
+from api_client.bulk_insert import insert_rows
 from api_client.determinism import output_hash
 from api_client.schema import Artifact, Job, JobStatus, Sequence, Token, TopLogprob
 
@@ -22,7 +23,6 @@ from .output_rows import (
     TOKEN_COLUMNS,
     TOP_COLUMNS,
     delete_rows,
-    insert_rows,
     output_rows,
 )
 

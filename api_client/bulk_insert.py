@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import JSON, Enum, insert
 from sqlalchemy.orm import Session
 
 
@@ -15,9 +15,10 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
     """Insert ``rows`` (tuples in ``columns`` order) into ``model``'s table in the
     session's transaction.
 
-    On PostgreSQL (psycopg 3) one ``COPY``: each value goes through its column type's
-    bind processing first, as SQLAlchemy would send it (an enum's name, JSON); columns
-    left out take their server defaults. Elsewhere one executemany.
+    On PostgreSQL (psycopg 3) one ``COPY``: values of enum and JSON columns go through
+    their type's bind processing first, as SQLAlchemy would send them (an enum's name,
+    psycopg's JSON wrapper); psycopg dumps the others as they are. Columns left out
+    take their server defaults. Elsewhere one executemany.
     """
     if not rows:
         return
@@ -25,8 +26,10 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
     dialect = connection.dialect
     if dialect.name == "postgresql" and dialect.driver == "psycopg":
         table = model.__table__  # type: ignore[attr-defined]
-        processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-                      for name in columns]
+        types = [table.c[name].type for name in columns]
+        processors = [column_type.dialect_impl(dialect).bind_processor(dialect)
+                      if isinstance(column_type, (Enum, JSON)) else None
+                      for column_type in types]
         if any(processors):
             rows = [tuple(value if process is None else process(value)
                           for process, value in zip(processors, row, strict=True))

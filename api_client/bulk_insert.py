@@ -3,11 +3,22 @@ an executemany. Used for job rows at submit and for result rows in the worker.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Enum, insert
+from sqlalchemy import JSON, Enum, Table, insert
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
+
+
+def driver_value_processors(table: Table, columns: Sequence[str], dialect: Dialect
+                            ) -> list[Callable[[Any], Any] | None]:
+    """Per column, the conversion SQLAlchemy applies to its values before the driver
+    sees them, where psycopg cannot take them as they are (an enum's name, psycopg's
+    JSON wrapper); None for the other columns."""
+    return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            if isinstance(table.c[name].type, (Enum, JSON)) else None
+            for name in columns]
 
 
 def insert_rows(session: Session, model: type, columns: Sequence[str],
@@ -15,10 +26,9 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
     """Insert ``rows`` (tuples in ``columns`` order) into ``model``'s table in the
     session's transaction.
 
-    On PostgreSQL (psycopg 3) one ``COPY``: values of enum and JSON columns go through
-    their type's bind processing first, as SQLAlchemy would send them (an enum's name,
-    psycopg's JSON wrapper); psycopg dumps the others as they are. Columns left out
-    take their server defaults. Elsewhere one executemany.
+    On PostgreSQL (psycopg 3) one ``COPY``: values of enum and JSON columns are
+    converted first (:func:`driver_value_processors`); psycopg dumps the others as
+    they are. Columns left out take their server defaults. Elsewhere one executemany.
     """
     if not rows:
         return
@@ -26,10 +36,7 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
     dialect = connection.dialect
     if dialect.name == "postgresql" and dialect.driver == "psycopg":
         table = model.__table__  # type: ignore[attr-defined]
-        types = [table.c[name].type for name in columns]
-        processors = [column_type.dialect_impl(dialect).bind_processor(dialect)
-                      if isinstance(column_type, (Enum, JSON)) else None
-                      for column_type in types]
+        processors = driver_value_processors(table, columns, dialect)
         if any(processors):
             rows = [tuple(value if process is None else process(value)
                           for process, value in zip(processors, row, strict=True))

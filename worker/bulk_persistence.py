@@ -20,7 +20,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
-from api_client.bulk_insert import insert_rows
+from api_client.bulk_insert import driver_value_processors, insert_rows
 from api_client.determinism import output_hash
 from api_client.schema import Job, JobStatus, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
@@ -147,8 +147,8 @@ def _update_jobs(session: Session, keys: Sequence[str], rows: list[dict[str, Any
     dialect = connection.dialect
     if dialect.name == "postgresql" and dialect.driver == "psycopg":
         arrays = []
-        for key in keys:  # each value as SQLAlchemy would bind it (enum, JSON)
-            process = jobs.c[key].type.dialect_impl(dialect).bind_processor(dialect)
+        for key, process in zip(keys, driver_value_processors(jobs, keys, dialect),
+                                strict=True):
             column_values = [row[key] for row in rows]
             arrays.append([process(v) for v in column_values] if process else column_values)
         ids = arrays[list(keys).index("id")]

@@ -227,11 +227,7 @@ def _output(n_tokens: int, top_k: int, salt: int) -> ProbeOutput:
 def test_bulk_store_writes_exactly_the_rows(database_url: str) -> None:
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
-    ids = [uuid.uuid4().hex for _ in range(3)]
-    with sessions() as session, session.begin():
-        session.execute(insert(Job), [
-            {"id": i, "kind": "score", "backend": "hf", "model": "m", "status": JobStatus.QUEUED,
-             "spec": {}, "queue": "q"} for i in ids])
+    ids = add_jobs(sessions, 3)
     with sessions() as session:
         assert claim_many(session, ids, "w") == ids
     outputs = [(ids[0], _output(5, 2, 0)), (ids[1], _output(7, 0, 1)),
@@ -369,11 +365,7 @@ def test_one_job_store_and_retries_write_the_same_rows(database_url: str) -> Non
     writes, NUL included; a retried job's leftover rows are replaced, never doubled."""
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
-    single, batched, retried = (uuid.uuid4().hex for _ in range(3))
-    with sessions() as session, session.begin():
-        session.execute(insert(Job), [
-            {"id": i, "kind": "score", "backend": "hf", "model": "m", "status": JobStatus.QUEUED,
-             "spec": {}, "queue": "q"} for i in (single, batched, retried)])
+    single, batched, retried = add_jobs(sessions, 3)
     with sessions() as session:
         assert claim_many(session, [single, batched, retried], "w") == [single, batched, retried]
     output = _output(6, 2, 4)

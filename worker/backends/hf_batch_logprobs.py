@@ -305,7 +305,7 @@ def chunked_scores(row_logits: RowLogits, prefixes: PrefixRows, targets: torch.T
         tile_sum: list[torch.Tensor] = []
         tile_values: list[torch.Tensor] = []
         tile_ids: list[torch.Tensor] = []
-        for index, first in enumerate(tile_starts if tiled else [0]):
+        for index, first in enumerate(tile_starts):  # [0] where a chunk is one tile
             last = min(first + tile, vocabulary)
             logits = row_logits.of(start, stop, first, last)  # [ids, rows], ours
             if logits.dtype != torch.float32:

@@ -7,6 +7,7 @@ parametrized), on tiny GPT-2 and LLaMA models built offline. Benchmarks live in
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from functools import cache
@@ -25,7 +26,8 @@ from api_client.schema import Job, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
 from api_client.sweeps import chunk_messages, sweep_specs
 from tests.conftest import make_database
-from tests.helpers import add_jobs
+from tests.helpers import WorkerProcess, add_jobs
+from worker.__main__ import THREAD_VARIABLES, available_cpus, pool_math_threads
 from worker.backends.base import ProbeOutput
 from worker.backends.hf_score import BatchBudget, run_with_backoff
 from worker.bulk_persistence import claim_many, store_outputs
@@ -83,6 +85,44 @@ def test_batched_scoring_matches_each_text_alone(client, model_path: str) -> Non
             assert [a.token_id for a in token.top_logprobs] == top.indices.tolist()
             assert [a.logprob for a in token.top_logprobs] == pytest.approx(
                 top.values.tolist(), abs=TOL)
+
+
+def test_pool_processes_share_the_cpus(tmp_path: Path, redis_url: str, tiny_gpt2: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--concurrency 2`` on the hf backend: each pool process gets half the CPUs as
+    its math threads (unless the environment sets them), and both score correctly."""
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    database = next(make_database("sqlite", tmp_path))
+    worker = WorkerProcess(backend="hf", queue=f"logprobe.hf.test-{uuid.uuid4().hex[:8]}",
+                           redis_url=redis_url, database_url=database, log_dir=tmp_path,
+                           extra_args=["--concurrency", "2"]).start()
+    try:
+        with worker.client(chunk_size=2) as client:
+            jobs = client.score_many(TEXTS, model=tiny_gpt2)
+            results = [job.result(timeout=120) for job in jobs]
+            ran_in = {job.info()["worker"] for job in jobs}
+    finally:
+        worker.stop()
+    # Each pool process says how many threads torch has when it loads the model.
+    loads = re.findall(r"loading model .*; (\d+) CPU threads\)", worker.log_text())
+    assert loads and set(loads) == {str(max(1, available_cpus() // 2))}
+    assert len(ran_in) == 1  # one worker
+    for text, result in zip(TEXTS, results, strict=True):
+        ids, logprobs = reference_logprobs(tiny_gpt2, text)
+        want = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor([t.logprob for t in result.tokens[1:]]), want,
+                              atol=TOL, rtol=0)
+
+
+def test_math_threads_are_left_alone_where_set_or_not_split() -> None:
+    assert pool_math_threads("hf", "prefork", 2, {}, cpus=16) == 8
+    assert pool_math_threads("hf", "prefork", 3, {}, cpus=2) == 1
+    assert pool_math_threads("hf", "prefork", 2, {"OMP_NUM_THREADS": "4"}, cpus=16) is None
+    assert pool_math_threads("hf", "prefork", 2, {"MKL_NUM_THREADS": "4"}, cpus=16) is None
+    assert pool_math_threads("hf", "prefork", 1, {}, cpus=16) is None  # torch's default
+    assert pool_math_threads("hf", "solo", 2, {}, cpus=16) is None
+    assert pool_math_threads("openai", "threads", 8, {}, cpus=16) is None
 
 
 def test_out_of_memory_halves_the_batch() -> None:

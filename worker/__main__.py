@@ -10,11 +10,38 @@ import argparse
 import os
 import socket
 import sys
+from collections.abc import Mapping
 
 from api_client.constants import default_queue
 
 #: OpenAI calls wait on the network, not a GPU: a thread pool of this many by default.
 OPENAI_DEFAULT_CONCURRENCY = 8
+#: Environment variables that set a process's math-library threads; where none is
+#: set, ``--concurrency N`` on the hf backend gives each pool process 1/N of the CPUs.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def pool_math_threads(backend: str, pool: str, concurrency: int, environ: Mapping[str, str],
+                      cpus: int) -> int | None:
+    """``OMP_NUM_THREADS`` for the pool processes, or None to leave torch's default.
+
+    ``--concurrency N`` on the hf backend's process pool: each process gets an equal
+    share of the ``cpus``, at least one (torch's default, a thread per CPU in every
+    process, has N processes' threads fight over the same cores), unless the
+    environment already sets the threads (:data:`THREAD_VARIABLES`)."""
+    if backend != "hf" or pool != "prefork" or concurrency < 2:
+        return None
+    if any(name in environ for name in THREAD_VARIABLES):
+        return None
+    return max(1, cpus // concurrency)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queues", help="comma-separated queues (default: logprobe.<backend>)")
     parser.add_argument("--concurrency", "-c", type=int,
                         help="worker processes or threads (hf: one per GPU is right, default 1; "
+                        "on a CPU, N processes of 1/N of the cores each serve many small "
+                        "probes faster than one, at N copies of the model; "
                         f"openai: requests in flight, default {OPENAI_DEFAULT_CONCURRENCY})")
     parser.add_argument("--pool", choices=["prefork", "solo", "threads"],
                         help="default: prefork for hf, threads for openai (I/O bound)")
@@ -49,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["LOGPROBE_MAX_MODELS"] = str(args.max_models)
     if args.max_attempts is not None:
         os.environ["LOGPROBE_MAX_ATTEMPTS"] = str(args.max_attempts)
+    concurrency = args.concurrency or (
+        OPENAI_DEFAULT_CONCURRENCY if args.backend == "openai" else 1)
+    pool = args.pool or ("threads" if args.backend == "openai" else "prefork")
+    threads = pool_math_threads(args.backend, pool, concurrency, os.environ, available_cpus())
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read when torch is imported
     assert "torch" not in sys.modules, "torch must not be imported before GPU pinning"
 
     from .app import create_app
@@ -59,9 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     app.worker_main([
         "worker",
         "--queues", args.queues or default_queue(args.backend),
-        "--concurrency", str(args.concurrency or (
-            OPENAI_DEFAULT_CONCURRENCY if args.backend == "openai" else 1)),
-        "--pool", args.pool or ("threads" if args.backend == "openai" else "prefork"),
+        "--concurrency", str(concurrency),
+        "--pool", pool,
         "--hostname", hostname,
         "--loglevel", args.loglevel,
         "--without-gossip",

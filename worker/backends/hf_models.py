@@ -240,7 +240,8 @@ class ModelCache:
                 return self._models[key]
             while len(self._models) >= self.max_models:
                 self._evict_oldest()
-            log.info("loading model %s (revision=%s, dtype=%s, device=%s)", *key)
+            log.info("loading model %s (revision=%s, dtype=%s, device=%s; %d CPU threads)",
+                     *key, torch.get_num_threads())
             loaded = load_model(name, revision, dtype, key[3], device_map=device_map,
                                 fused_activations=self.fused_activations)
             self._models[key] = loaded

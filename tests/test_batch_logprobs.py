@@ -12,10 +12,15 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from api_client.specs import ScoreSpec
-from worker.backends.hf_batch_logprobs import default_chunk_rows, head_only_applies
+from worker.backends.hf_batch_logprobs import (
+    RowLogits,
+    chunked_scores,
+    default_chunk_rows,
+    head_only_applies,
+)
 from worker.backends.hf_common import alternatives_from_topk
 from worker.backends.hf_models import LoadedModel, load_model
-from worker.backends.hf_prefix_rows import distinct_prefix_rows
+from worker.backends.hf_prefix_rows import PrefixRows, distinct_prefix_rows
 from worker.backends.hf_score import BatchBudget, score_batch
 
 TOL = 1e-5
@@ -28,6 +33,7 @@ TEXTS = [
     "Logprobs, losses and top-k alternatives: all of them per token, in float32.",
     "ok then",  # two tokens: a single scored row
     "Then " + "really " * 50 + "long, so that the texts fill more than one default chunk.",
+    *(f"Text {n}: " + "and so on " * 30 for n in range(4)),  # 4 x ~95 more distinct rows
 ]
 TOP_K = [5 if i % 2 else 0 for i in range(len(TEXTS))]
 #: Texts that begin alike (a template, a text and its extension, a duplicate), each
@@ -62,17 +68,15 @@ def alone(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize(("head_only", "vocabulary_major", "vocabulary_tile"), [
-    (None, None, None),  # on this CPU: the packed head, vocabulary-major, in tiles
-    (None, None, 999),  # tiles of an odd size, the last one short
-    (None, False, 10**6),  # the packed head as on a GPU: row-major, one tile
-    (False, None, None),  # the full forward
-], ids=["packed-head", "packed-head-999-id-tiles", "packed-head-row-major-one-tile",
-        "full-forward"])
+@pytest.mark.parametrize(("head_only", "vocabulary_tile"), [
+    (None, None),  # on this CPU: the packed head, in tiles
+    (None, 999),  # tiles of an odd size, the last one short
+    (None, 10**6),  # the packed head in one tile, as on a GPU
+    (False, None),  # the full forward
+], ids=["packed-head", "packed-head-999-id-tiles", "packed-head-one-tile", "full-forward"])
 @pytest.mark.parametrize("chunk_rows", [None, 7], ids=["default-chunks", "7-row-chunks"])
 @pytest.mark.parametrize("texts", ["distinct", "shared-prefixes"])
 def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
-                                       vocabulary_major: bool | None,
                                        vocabulary_tile: int | None,
                                        chunk_rows: int | None, texts: str) -> None:
     lm = loaded(model_path)
@@ -82,8 +86,7 @@ def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
     specs = [ScoreSpec(model=model_path, text=text, top_logprobs=k)
              for text, k in zip(batch, top_k, strict=True)]
     outputs = score_batch(lm, specs, BatchBudget(tokens=10_000), chunk_rows=chunk_rows,
-                          head_only=head_only, vocabulary_major=vocabulary_major,
-                          vocabulary_tile=vocabulary_tile)
+                          head_only=head_only, vocabulary_tile=vocabulary_tile)
     all_ids = [[t.token_id for t in out.sequences[0].tokens] for out in outputs]
     prefixes = distinct_prefix_rows(all_ids, max(map(len, all_ids)))
     if texts == "shared-prefixes":  # the output layer ran on fewer rows than scored
@@ -112,6 +115,33 @@ def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
     if texts == "distinct":
         # More than one chunk even at the CPU default.
         assert prefixes.distinct > default_chunk_rows(lm.model.get_output_embeddings())
+
+
+@pytest.mark.parametrize("tile", [7, 64], ids=["tiles", "one-tile"])
+def test_chunked_scores_equal_log_softmax(tile: int) -> None:
+    """The tiles' maxima and log-sums combined equal ``torch.log_softmax`` of the whole
+    row, top-k included, also where a row's logits are -inf in a whole tile (masked
+    ids: that tile adds nothing) and across chunks (3 rows each)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 8 * torch.randn(10, 64, generator=generator) - 100  # GPT-2-like magnitudes
+    logits[2, :7] = -torch.inf  # the first tile of row 2
+    logits[5, 20:] = -torch.inf
+    targets = torch.randint(0, 64, (10,), generator=generator)
+    targets[2], targets[5] = 30, 3
+    row_top_k = torch.tensor([0, 3, 5, 0, 1, 4, 0, 0, 2, 3])
+    row_logits = RowLogits(lambda start, stop, first, last: logits[start:stop, first:last]
+                           .clone(), vocabulary=64, tile=tile)
+    prefixes = PrefixRows(positions=torch.arange(10), row_of=torch.arange(10))
+    scores = chunked_scores(row_logits, prefixes, targets, row_top_k, chunk_rows=3)
+    want = torch.log_softmax(logits.double(), dim=1)
+    assert torch.allclose(scores.token_logprobs.double(),
+                          want.gather(1, targets[:, None])[:, 0], atol=TOL, rtol=0)
+    assert scores.top_values is not None and scores.top_ids is not None
+    for row, k in enumerate(row_top_k.tolist()):
+        top = torch.topk(want[row], k)
+        assert scores.top_ids[row, :k].tolist() == top.indices.tolist()
+        assert torch.allclose(scores.top_values[row, :k].double(), top.values, atol=TOL,
+                              rtol=0)
 
 
 def test_padding_stays_inside_a_smaller_vocabulary(tmp_path: Path) -> None:

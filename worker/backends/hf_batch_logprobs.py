@@ -13,19 +13,14 @@ Where the model's forward is exactly ``head(base_model(...).last_hidden_state)``
 through the head. Any other model runs its full forward and the needed logits rows
 are packed from its output.
 
-A chunk's logits are handled vocabulary-major, ``[vocabulary, rows]``: on a CPU the
-output layer computes ``weight @ rows.T``, which MKL runs 1.6-2x faster than
-``rows @ weight.T`` (one AVX2 core, hidden size 64; at hidden size 768 on two cores
-the product and log-softmax take 26% less time per row), and the log-sum-exp
-reduces along the vocabulary as fast in either layout.
-
-On a CPU the plain-linear head also computes a chunk a tile of vocabulary ids at a
-time (:data:`CPU_TILE_BYTES` of logits): each tile's product, max, ``exp`` and sum
-run on data still in cache, and the tiles' sums are combined as an online softmax
-does (``sum_t exp(max_t - max) * sum_t``). A chunk of 64 rows over GPT-2's 50,257
-ids is 13 MB, past the cache: its product and log-sum-exp took 16.7 ms on one core,
-in 4,096-id tiles 12.3 ms. With tiles, a chunk may have more rows (the product
-wants them) without leaving the cache.
+A chunk's logits are ``[rows, vocabulary]``. On a CPU the plain-linear head computes
+a chunk a tile of vocabulary ids at a time (:data:`CPU_TILE_BYTES` of logits): each
+tile's product, max and log-sum-exp run on data still in cache, and the tiles' sums
+are combined as an online softmax does (``sum_t exp(max_t - max) * sum_t``). A chunk
+of 64 rows over GPT-2's 50,257 ids is 13 MB, past the cache: its product and
+log-sum-exp took 16.7 ms on one core, in 4,096-id tiles 12.3 ms. With tiles, a chunk
+may have more rows (the product wants them) without leaving the cache. A tile's
+log-sum-exp goes through ``torch.log_softmax``'s kernel on a CPU (:func:`tile_log_sum`).
 """
 
 from __future__ import annotations
@@ -39,24 +34,23 @@ from .hf_models import LoadedModel
 from .hf_prefix_rows import PrefixRows, distinct_prefix_rows
 
 #: Packed rows per chunk of output layer + log-softmax, by device type. A GPU wants
-#: big kernels; on a CPU the matrix product of the output layer wants more rows as the
-#: hidden size grows (see :func:`default_chunk_rows`), and vocabulary tiles keep the
-#: logits in cache however many. A chunk's logits take rows x vocabulary x 4 bytes
-#: on top of the forward pass, a CPU's rows x tile x 4 (the log-softmax works in
+#: big kernels; on a CPU the matrix product wants many rows, and vocabulary tiles
+#: keep the logits in cache however many. A chunk's logits take rows x vocabulary x 4
+#: bytes on top of the forward pass, a CPU's rows x tile x 4 (the log-softmax works in
 #: place; in half precision, 2 bytes plus a float32 copy: 6).
-DEFAULT_CHUNK_ROWS = {"cpu": 128, "mps": 1024, "cuda": 1024}
-#: Most rows per chunk on a CPU, however wide the model.
-CPU_MAX_CHUNK_ROWS = 512
-#: Bytes of float32 logits per vocabulary tile on a CPU (a chunk's logits,
-#: ``vocabulary x rows``, are computed and reduced one tile at a time: see the
-#: module's docstring); elsewhere a chunk is one tile. Measured on the 2-core AMD
-#: EPYC here (512 KiB L2 per core, 32 MiB L3), the worker's score_batch, CPU time,
-#: medians of 7-9 interleaved rounds:
-#: - 1,024 tiny texts on one thread: 64-row chunks in one tile 703 texts/s, in
-#:   4,096-id tiles 704-732; 128-row chunks in 4,096-id tiles (2 MiB) 758-834,
-#:   in 8,192-id tiles 798; 256-row chunks in 2,048-id tiles 748-846.
-#: - 64 paragraphs on GPT-2 124M, two threads, 384-row chunks: one tile 6.81 s,
-#:   1,365-id tiles (2 MiB) 6.47 s.
+DEFAULT_CHUNK_ROWS = {"cpu": 512, "mps": 1024, "cuda": 1024}
+#: Bytes of float32 logits per vocabulary tile on a CPU (a chunk's logits are
+#: computed and reduced one tile at a time: see the module's docstring); elsewhere a
+#: chunk is one tile. Measured on the 2-core AMD EPYC here (512 KiB L2 per core,
+#: 32 MiB L3), the worker's score_batch on 1,024 tiny texts in 64-text batches, wall
+#: ms per text: one thread, 512-row chunks in 1,024-id tiles (2 MiB) 0.62, 256 rows in
+#: 2,048-id tiles 0.62, 128 rows in 4,096-id tiles 0.66-0.68, 128 rows in 2,048-id
+#: tiles 0.69-0.72; two threads 0.45-0.46 at 512 rows in 2 MiB tiles, 0.59-0.67 at
+#: 256 rows. Before the log-softmax kernel (``exp_`` and a sum on the logits laid out
+#: ``[vocabulary, rows]``, computed as ``weight @ rows.T``, which MKL ran faster than
+#: ``rows @ weight.T``), the best was 128 rows in 4,096-id tiles: 0.74-0.75 on one
+#: thread, 0.54-0.85 on two. 64 paragraphs on GPT-2 124M with two threads: 512 rows
+#: in 2 MiB tiles as fast as 384 rows in 2 MiB tiles (the model's body dominates).
 #: The machine is noisy: differences under ~10% are within its noise.
 CPU_TILE_BYTES = 2 << 20
 
@@ -77,9 +71,9 @@ LOGIT_POSTPROCESSING_FIELDS = (
     "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
 )
 
-#: Logits of the packed rows ``[start, stop)`` for the vocabulary ids ``[first, last)``,
-#: vocabulary-major (``[last - first, stop - start]``, possibly a transposed view), on
-#: the device the output layer uses; a tensor the caller may overwrite.
+#: Logits of the packed rows ``[start, stop)`` for the vocabulary ids ``[first, last)``
+#: (``[stop - start, last - first]``, contiguous), on the device the output layer
+#: uses; a tensor the caller may overwrite.
 LogitsOfRows = Callable[[int, int, int, int], torch.Tensor]
 
 
@@ -133,15 +127,8 @@ def head_device(head: torch.nn.Module) -> torch.device:
 
 def default_chunk_rows(head: torch.nn.Module) -> int:
     """Rows per chunk for the output layer ``head``: :data:`DEFAULT_CHUNK_ROWS` for its
-    device type; on a CPU, hidden size / 2 rows within 128..512 (measured on a 2-core
-    CPU, in vocabulary tiles: a 2-layer model of hidden size 64 is faster at 128-256
-    rows than at 64, see :data:`CPU_TILE_BYTES`; GPT-2 124M, hidden size 768, at
-    256-1024)."""
-    device_type = head_device(head).type
-    rows = DEFAULT_CHUNK_ROWS.get(device_type, DEFAULT_CHUNK_ROWS["cuda"])
-    if device_type == "cpu":
-        rows = max(rows, min(head.weight.shape[-1] // 2, CPU_MAX_CHUNK_ROWS))
-    return rows
+    device type."""
+    return DEFAULT_CHUNK_ROWS.get(head_device(head).type, DEFAULT_CHUNK_ROWS["cuda"])
 
 
 def padded_batch(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor,
@@ -184,16 +171,13 @@ def default_vocabulary_tile(device: torch.device, chunk_rows: int, vocabulary: i
 
 def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor,
                      positions: torch.Tensor, chunk_rows: int,
-                     vocabulary_major: bool | None = None,
                      vocabulary_tile: int | None = None) -> RowLogits:
     """Runs the base model; the output layer is applied later, to packed rows only.
 
-    A plain ``nn.Linear`` head writes every tile into one reused buffer (fresh
-    vocabulary-sized tensors cost page faults on a CPU), computed as
-    ``weight @ rows.T`` where ``vocabulary_major`` (default: on a CPU, see the
-    module's docstring), else as ``rows @ weight.T``, ``vocabulary_tile`` ids at a
-    time (default :func:`default_vocabulary_tile`). Any other head runs once per
-    chunk, on the whole vocabulary.
+    A plain ``nn.Linear`` head computes ``rows @ weight[tile].T`` ``vocabulary_tile``
+    ids at a time (default :func:`default_vocabulary_tile`) into one reused buffer
+    (fresh vocabulary-sized tensors cost page faults on a CPU). Any other head runs
+    once per chunk, on the whole vocabulary.
     """
     hidden = lm.model.base_model(
         input_ids=input_ids, attention_mask=mask, use_cache=False
@@ -203,44 +187,30 @@ def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tenso
     packed = packed.to(head_device(head))
     if not is_plain_linear(head):
         vocabulary = lm.vocab_size
-        return RowLogits(lambda start, stop, first, last: head(packed[start:stop]).t(),
+        return RowLogits(lambda start, stop, first, last: head(packed[start:stop]),
                          vocabulary, vocabulary)
     weight, bias = head.weight, head.bias
     vocabulary = weight.shape[0]
     tile = vocabulary_tile or default_vocabulary_tile(packed.device, chunk_rows, vocabulary)
     storage = torch.empty(min(chunk_rows, packed.shape[0]) * min(tile, vocabulary),
                           dtype=packed.dtype, device=packed.device)
-    if vocabulary_major is None:
-        vocabulary_major = packed.device.type == "cpu"
-    if vocabulary_major:
-        bias_column = bias[:, None] if bias is not None else None
-
-        def weight_times_rows(start: int, stop: int, first: int, last: int) -> torch.Tensor:
-            out = storage[: (stop - start) * (last - first)].view(last - first, stop - start)
-            rows_t = packed[start:stop].t()
-            if bias_column is None:
-                return torch.mm(weight[first:last], rows_t, out=out)
-            return torch.addmm(bias_column[first:last], weight[first:last], rows_t, out=out)
-
-        return RowLogits(weight_times_rows, vocabulary, tile)
 
     def rows_times_weight(start: int, stop: int, first: int, last: int) -> torch.Tensor:
         out = storage[: (stop - start) * (last - first)].view(stop - start, last - first)
         weight_t = weight[first:last].t()
         if bias is None:
-            return torch.mm(packed[start:stop], weight_t, out=out).t()
-        return torch.addmm(bias[first:last], packed[start:stop], weight_t, out=out).t()
+            return torch.mm(packed[start:stop], weight_t, out=out)
+        return torch.addmm(bias[first:last], packed[start:stop], weight_t, out=out)
 
     return RowLogits(rows_times_weight, vocabulary, tile)
 
 
 def full_forward_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor,
                         positions: torch.Tensor, chunk_rows: int,
-                        vocabulary_major: bool | None = None,
                         vocabulary_tile: int | None = None) -> RowLogits:
     """Runs the whole model ([batch, length, vocabulary] logits); rows are packed
-    later, a chunk at a time, into one reused buffer (``vocabulary_major`` and
-    ``vocabulary_tile`` do not apply: the logits exist already, a chunk is one tile)."""
+    later, a chunk at a time, into one reused buffer (``vocabulary_tile`` does not
+    apply: the logits exist already, a chunk is one tile)."""
     logits = lm.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)
     on_device = positions.to(logits.device)
     vocabulary = logits.shape[-1]
@@ -248,7 +218,7 @@ def full_forward_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Te
                          dtype=logits.dtype, device=logits.device)
     return RowLogits(
         lambda start, stop, first, last: torch.index_select(
-            logits, 0, on_device[start:stop], out=buffer[: stop - start]).t(),
+            logits, 0, on_device[start:stop], out=buffer[: stop - start]),
         vocabulary, vocabulary)
 
 
@@ -302,49 +272,48 @@ def chunked_scores(row_logits: RowLogits, prefixes: PrefixRows, targets: torch.T
         picked_rows.append(rows)
         wanted = torch.nonzero(distinct_k[start:stop])[:, 0]
         tile_max: list[torch.Tensor] = []
-        tile_sum: list[torch.Tensor] = []
+        tile_log_sums: list[torch.Tensor] = []
         tile_values: list[torch.Tensor] = []
         tile_ids: list[torch.Tensor] = []
         for index, first in enumerate(tile_starts):  # [0] where a chunk is one tile
             last = min(first + tile, vocabulary)
-            logits = row_logits.of(start, stop, first, last)  # [ids, rows], ours
+            logits = row_logits.of(start, stop, first, last)  # [rows, ids], ours
             if logits.dtype != torch.float32:
                 logits = logits.float()
             device = logits.device
             low, high = bounds[index], bounds[index + 1]
             if high > low:
-                picked.append(logits[(row_targets[low:high] - first).to(device),
-                                     columns[low:high].to(device)])
+                picked.append(logits[columns[low:high].to(device),
+                                     (row_targets[low:high] - first).to(device)])
             if len(wanted):
-                columns_wanted = logits if len(wanted) == stop - start else (
-                    logits.index_select(1, wanted.to(device)))
-                values, ids = torch.topk(columns_wanted, min(k_max, logits.shape[0]), dim=0)
+                rows_wanted = logits if len(wanted) == stop - start else (
+                    logits.index_select(0, wanted.to(device)))
+                values, ids = torch.topk(rows_wanted, min(k_max, logits.shape[1]), dim=1)
                 tile_values.append(values)
                 tile_ids.append(ids + first if first else ids)
-            most = logits.amax(0)
-            if tiled:  # a tile all -inf for a row adds exp(-inf) = 0, not nan
+            most, log_sum = tile_log_sum(logits)  # overwrites the logits
+            if tiled:  # a tile all -inf for a row adds nothing, not nan
+                log_sum = torch.where(most == -torch.inf, 0.0, log_sum)
                 most.clamp_(min=torch.finfo(torch.float32).min)
             tile_max.append(most)
-            # exp(logits - max) in place: one tile-sized buffer, no second one.
-            tile_sum.append(logits.sub_(most).exp_().sum(0))
-        if tiled:
+            tile_log_sums.append(log_sum)
+        if tiled:  # sum_t exp(max_t - max) * sum_t, in logs
             most = torch.stack(tile_max)
             chunk_max = most.amax(0)
             maxima.append(chunk_max)
-            log_sums.append((torch.stack(tile_sum) * (most - chunk_max).exp_())
-                            .sum(0).log_())
+            log_sums.append(torch.logsumexp(most - chunk_max + torch.stack(tile_log_sums), 0))
         else:
             maxima.append(tile_max[0])
-            log_sums.append(tile_sum[0].log_())
+            log_sums.append(tile_log_sums[0])
         if len(wanted):
             values, ids = tile_values[0], tile_ids[0]
             if tiled:  # the best of each tile's best
-                values, best = torch.topk(torch.cat(tile_values), min(k_max, vocabulary),
-                                          dim=0)
-                ids = torch.cat(tile_ids).gather(0, best)
+                values, best = torch.topk(torch.cat(tile_values, 1), min(k_max, vocabulary),
+                                          dim=1)
+                ids = torch.cat(tile_ids, 1).gather(1, best)
             top_distinct.append(wanted + start)
-            top_values.append(values.t())
-            top_ids.append(ids.t())
+            top_values.append(values)
+            top_ids.append(ids)
     target_logits = torch.empty(n_rows, dtype=torch.float32)
     if picked:
         target_logits[torch.cat(picked_rows)] = torch.cat(picked).cpu()
@@ -366,10 +335,26 @@ def chunked_scores(row_logits: RowLogits, prefixes: PrefixRows, targets: torch.T
                         torch.where(asked, distinct_ids[row_of], 0))
 
 
+def tile_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of float32 ``logits`` ([rows, ids], contiguous, overwritten): the
+    maximum and ``log(sum(exp(logits - max)))``.
+
+    On a CPU through ``torch.log_softmax``'s kernel, in place (it reads each row before
+    it writes it), whose largest output per row is exactly ``-log(sum(exp(x - max)))``:
+    its ``exp`` is cheaper than ``exp_``'s (2 MiB tiles of the tiny model: the whole
+    log-sum-exp in 0.6 of the time). Elsewhere ``exp(logits - max)`` in place and a
+    sum."""
+    most = logits.amax(1)
+    if logits.device.type == "cpu":
+        logits = logits.contiguous()  # itself, as every RowLogits gives
+        log_softmax = torch.ops.aten._log_softmax.out(logits, 1, False, out=logits)
+        return most, log_softmax.amax(1).neg_()
+    return most, logits.sub_(most[:, None]).exp_().sum(1).log_()
+
+
 def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
                          top_k: Sequence[int], *, chunk_rows: int | None = None,
                          head_only: bool | None = None,
-                         vocabulary_major: bool | None = None,
                          vocabulary_tile: int | None = None) -> list[TextLogprobs]:
     """One right-padded forward pass over ``batch``; per text, the logprob of each
     token after the first (``log_softmax(logits[i-1])[token_i]`` in float32) and, where
@@ -378,7 +363,7 @@ def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
     ``chunk_rows``: distinct rows per chunk (default :func:`default_chunk_rows`).
     ``head_only``: apply the output layer to the packed rows only (default: where
     :func:`head_only_applies`); ``False`` forces the full forward.
-    ``vocabulary_major``, ``vocabulary_tile``: how the packed head computes (see
+    ``vocabulary_tile``: vocabulary ids per tile of the packed head (see
     :func:`head_only_logits`).
     """
     if head_only is None:
@@ -392,8 +377,7 @@ def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
         chunk_rows = default_chunk_rows(lm.model.get_output_embeddings())
     with torch.inference_mode():
         row_logits = (head_only_logits if head_only else full_forward_logits)(
-            lm, input_ids, mask, prefixes.positions, chunk_rows, vocabulary_major,
-            vocabulary_tile)
+            lm, input_ids, mask, prefixes.positions, chunk_rows, vocabulary_tile)
         scores = chunked_scores(row_logits, prefixes, targets, row_top_k, chunk_rows)
     return split_per_text(scores, [len(ids) - 1 for ids in batch], top_k)
 

@@ -151,13 +151,13 @@ def run_with_backoff(
 
 def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
                 budget: BatchBudget | None = None, *, chunk_rows: int | None = None,
-                head_only: bool | None = None, vocabulary_major: bool | None = None,
+                head_only: bool | None = None,
                 vocabulary_tile: int | None = None) -> list[ProbeOutput | Exception]:
     """Score many texts on one model in length-bucketed, padded batches.
 
     Each output equals :func:`score` of its spec alone (float32, within 1e-5);
     ``provenance["batch_size"]`` is the number of texts in the forward pass it ran in.
-    ``chunk_rows``, ``head_only``, ``vocabulary_major`` and ``vocabulary_tile`` go to
+    ``chunk_rows``, ``head_only`` and ``vocabulary_tile`` go to
     :func:`batch_token_logprobs`; the defaults suit the model and device
     (``head_only=False`` forces the full forward pass).
     """
@@ -187,7 +187,7 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
                     control.begin(n, "tokens")
             scored = batch_token_logprobs(
                 lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part],
-                chunk_rows=chunk_rows, head_only=head_only, vocabulary_major=vocabulary_major,
+                chunk_rows=chunk_rows, head_only=head_only,
                 vocabulary_tile=vocabulary_tile,
             )
             for control, n in controls:

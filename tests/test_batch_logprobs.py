@@ -17,6 +17,7 @@ from worker.backends.hf_batch_logprobs import (
     chunked_scores,
     default_chunk_rows,
     head_only_applies,
+    tile_log_sum,
 )
 from worker.backends.hf_common import alternatives_from_topk
 from worker.backends.hf_models import LoadedModel, load_model
@@ -142,6 +143,18 @@ def test_chunked_scores_equal_log_softmax(tile: int) -> None:
         assert scores.top_ids[row, :k].tolist() == top.indices.tolist()
         assert torch.allclose(scores.top_values[row, :k].double(), top.values, atol=TOL,
                               rtol=0)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["log-softmax-kernel", "exp-and-sum"])
+def test_tile_log_sum_both_ways(kernel: bool) -> None:
+    """Both ways of a tile's log-sum-exp (the log-softmax kernel, a CPU's; ``exp_`` and
+    a sum, a GPU's) give each row's maximum and ``log(sum(exp(x - max)))``."""
+    logits = 8 * torch.randn(6, 1000, generator=torch.Generator().manual_seed(1)) - 100
+    logits[3, ::2] = -torch.inf
+    most, log_sum = tile_log_sum(logits.clone(), kernel=kernel)
+    assert torch.equal(most, logits.amax(1))
+    want = torch.logsumexp(logits.double() - most.double()[:, None], dim=1)
+    assert torch.allclose(log_sum.double(), want, atol=1e-6, rtol=0)
 
 
 def test_padding_stays_inside_a_smaller_vocabulary(tmp_path: Path) -> None:

@@ -335,17 +335,20 @@ def chunked_scores(row_logits: RowLogits, prefixes: PrefixRows, targets: torch.T
                         torch.where(asked, distinct_ids[row_of], 0))
 
 
-def tile_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_log_sum(logits: torch.Tensor, *, kernel: bool | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of float32 ``logits`` ([rows, ids], contiguous, overwritten): the
     maximum and ``log(sum(exp(logits - max)))``.
 
-    On a CPU through ``torch.log_softmax``'s kernel, in place (it reads each row before
-    it writes it), whose largest output per row is exactly ``-log(sum(exp(x - max)))``:
-    its ``exp`` is cheaper than ``exp_``'s (2 MiB tiles of the tiny model: the whole
-    log-sum-exp in 0.6 of the time). Elsewhere ``exp(logits - max)`` in place and a
-    sum."""
+    With ``kernel`` (default: on a CPU) through ``torch.log_softmax``'s kernel, in
+    place (it reads each row before it writes it), whose largest output per row is
+    exactly ``-log(sum(exp(x - max)))``: its ``exp`` is cheaper than ``exp_``'s on a
+    CPU (2 MiB tiles of the tiny model: the whole log-sum-exp in 0.6 of the time).
+    Otherwise ``exp(logits - max)`` in place and a sum."""
     most = logits.amax(1)
-    if logits.device.type == "cpu":
+    if kernel is None:
+        kernel = logits.device.type == "cpu"
+    if kernel:
         logits = logits.contiguous()  # itself, as every RowLogits gives
         log_softmax = torch.ops.aten._log_softmax.out(logits, 1, False, out=logits)
         return most, log_softmax.amax(1).neg_()

@@ -89,8 +89,9 @@ def test_batched_scoring_matches_each_text_alone(client, model_path: str) -> Non
 
 def test_pool_processes_share_the_cpus(tmp_path: Path, redis_url: str, tiny_gpt2: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--concurrency 2`` on the hf backend: each pool process gets half the CPUs as
-    its math threads (unless the environment sets them), and both score correctly."""
+    """``--concurrency 2`` on the hf backend: the pool processes get half the CPUs as
+    their math threads (unless the environment sets them; each says so when it loads
+    the model), and the jobs score as the reference does."""
     for name in THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     database = next(make_database("sqlite", tmp_path))

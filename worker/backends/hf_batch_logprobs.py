@@ -237,8 +237,9 @@ def chunked_scores(row_logits: RowLogits, prefixes: PrefixRows, targets: torch.T
                    row_top_k: torch.Tensor, chunk_rows: int) -> PackedScores:
     """Per chunk of distinct prefix rows, a vocabulary tile at a time: the scored
     tokens' logits, top-k logits and ids where a row asks for them, and the float32
-    max and sum of ``exp(logits - max)``; the tiles' sums combined; then each scored
-    row's logprob as ``logit - max - log(sum(exp(logits - max)))``, the formula of
+    max and ``log(sum(exp(logits - max)))`` (:func:`tile_log_sum`); the tiles' values
+    combined; then each scored row's logprob as
+    ``logit - max - log(sum(exp(logits - max)))``, the formula of
     ``torch.log_softmax``."""
     n_rows = targets.shape[0]
     distinct = prefixes.distinct

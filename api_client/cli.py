@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import LogprobeError
+from .errors import LogprobeError, SpecError
 from .schema import JobStatus
 
 
@@ -69,6 +69,32 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     return 0  # not reached
 
 
+def _spec_fields(text: str | None) -> dict[str, Any]:
+    """The fields of a ``--spec`` JSON object ({} when not given)."""
+    if text is None:
+        return {}
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"--spec is not valid JSON ({exc}); pass an object such as "
+                        '\'{"top_logprobs": 5}\'') from None
+    if not isinstance(fields, dict):
+        raise SpecError(f"--spec must be a JSON object of spec fields, not "
+                        f"{type(fields).__name__}")
+    return fields
+
+
+def _token_ids(text: str | None) -> list[int] | None:
+    """``--token-ids 1,2,3`` as ids."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise SpecError(f"--token-ids {text!r} is not a comma-separated list of integer "
+                        "ids, such as 464,2068,7586") from None
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .specs import make_spec
 
@@ -78,15 +104,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
                               "device_map": args.device_map}
     if args.kind == "score":
         fields.update(text=args.text, prepend_bos=args.prepend_bos,
-                      token_ids=[int(i) for i in args.token_ids.split(",")]
-                      if args.token_ids else None)
+                      token_ids=_token_ids(args.token_ids))
     else:
         fields.update(prompt=args.text, max_new_tokens=args.max_new_tokens,
                       do_sample=args.do_sample, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       num_return_sequences=args.num_return_sequences)
-    if args.spec:
-        fields = {**json.loads(args.spec), **{k: v for k, v in fields.items() if v}}
+    # Options given on the command line override --spec; options left out (None) keep
+    # --spec's values, else the spec's defaults.
+    fields = {**_spec_fields(args.spec), **{k: v for k, v in fields.items() if v is not None}}
     spec = make_spec(args.kind, **fields)
     client = _client(args)
     job = client.submit(spec, queue=args.queue, time_limit=args.time_limit)
@@ -236,7 +262,7 @@ def cmd_determinism(args: argparse.Namespace) -> int:
         _print_frame(report(client, config_hash=args.config_hash, model=args.model,
                             kind=args.kind), args.format)
         return 0
-    fields = json.loads(args.spec) if args.spec else {}
+    fields = _spec_fields(args.spec)
     fields.update(model=args.model)
     if args.text is not None:
         fields["text" if args.kind == "score" else "prompt"] = args.text
@@ -296,21 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("kind", choices=["score", "generate"])
     submit.add_argument("text", nargs="?", help="text to score, or prompt to continue")
     submit.add_argument("--model", "-m", required=True)
-    submit.add_argument("--backend", default="hf", choices=["hf", "openai"])
+    submit.add_argument("--backend", choices=["hf", "openai"], help="default: hf")
     submit.add_argument("--revision")
     submit.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     submit.add_argument("--device")
     submit.add_argument("--queue")
-    submit.add_argument("--top-logprobs", type=int, default=0)
+    submit.add_argument("--top-logprobs", type=int, help="default: 0")
     submit.add_argument("--token-ids", help="comma-separated ids to score instead of text")
-    submit.add_argument("--prepend-bos", action="store_true")
-    submit.add_argument("--max-new-tokens", type=int, default=16)
-    submit.add_argument("--do-sample", action="store_true")
+    submit.add_argument("--prepend-bos", action="store_true", default=None)
+    submit.add_argument("--max-new-tokens", type=int, help="default: 16")
+    submit.add_argument("--do-sample", action="store_true", default=None)
     submit.add_argument("--temperature", type=float)
     submit.add_argument("--top-k", type=int)
     submit.add_argument("--top-p", type=float)
     submit.add_argument("--seed", type=int)
-    submit.add_argument("--num-return-sequences", type=int, default=1)
+    submit.add_argument("--num-return-sequences", type=int, help="default: 1")
     submit.add_argument("--device-map", choices=["auto"],
                         help="spread a big model over all the worker's GPUs (accelerate)")
     submit.add_argument("--time-limit", type=int,

@@ -38,7 +38,7 @@ def top_alternatives(
     """The ``k`` most likely tokens of each row of ``logprobs`` ([rows, vocab])."""
     if k == 0 or logprobs.shape[0] == 0:
         return [() for _ in range(logprobs.shape[0])]
-    values, indices = torch.topk(logprobs, k, dim=-1)
+    values, indices = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
     values_list, indices_list = values.tolist(), indices.tolist()
     texts = decode_each(lm, [i for row in indices_list for i in row])
     return alternatives_from_topk(values_list, indices_list, texts)

@@ -27,18 +27,19 @@ def pick_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-
 def generation_config(lm: LoadedModel, spec: GenerateSpec) -> GenerationConfig:
     """Exactly the decoding the spec asks for, ignoring the model's own defaults
-    (Llama-2's generation_config.json turns sampling on, for instance)."""
-    eos = lm.eos_token_id
+    (Llama-2's generation_config.json turns sampling on, for instance; the loader set
+    the model's file aside, so nothing this leaves unset comes from it), stopping at
+    any of the model's EOS ids."""
+    stop_ids = list(lm.stop_token_ids)
     options: dict[str, Any] = {
         "max_new_tokens": spec.max_new_tokens,
         "do_sample": spec.do_sample,
         "num_return_sequences": spec.num_return_sequences,
-        "eos_token_id": eos,
+        "eos_token_id": stop_ids or None,
         "pad_token_id": lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None
-        else eos,
+        else lm.eos_token_id,
         "bos_token_id": lm.bos_token_id,
         "output_scores": True,  # the processed scores of each step, for StepScores
         "output_logits": spec.return_logits,
@@ -96,13 +97,14 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
         raise RuntimeError(f"generate took {out.sequences.shape[1] - offset} steps but "
                            f"scored {step_scores.steps}: was a stopping criterion skipped?")
 
-    eos = lm.eos_token_id
+    stop_ids = set(lm.stop_token_ids)
     sequences = []
     for r in range(out.sequences.shape[0]):
         generated = out.sequences[r, offset:].tolist()
         finish = "length"
-        if eos is not None and eos in generated:
-            generated = generated[: generated.index(eos) + 1]
+        end = next((t for t, token_id in enumerate(generated) if token_id in stop_ids), None)
+        if end is not None:
+            generated = generated[: end + 1]
             finish = "stop"
         elif control is not None and control.stop_reason is not None:
             finish = control.stop_reason  # "cancelled" or "time_limit": a partial result

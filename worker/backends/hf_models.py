@@ -22,7 +22,12 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+)
 
 from api_client.errors import ModelLoadError
 
@@ -106,6 +111,8 @@ class LoadedModel:
     #: Where the weights are when they span devices (device_map="auto"), e.g.
     #: "auto:cuda:0+cuda:1"; None when the whole model is on ``device``.
     placement: str | None = None
+    #: Every token id that ends a generated sequence (:func:`stop_token_ids`).
+    stop_token_ids: tuple[int, ...] = ()
 
     @property
     def bos_token_id(self) -> int | None:
@@ -159,6 +166,23 @@ def _without_token(text: str) -> str:
     return text.replace(token, "***") if token else text
 
 
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
+
+
+def stop_token_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The ids that end generation, as ``model.generate`` stops on them: the model's
+    generation config's EOS ids (Llama-3-Instruct lists end-of-text and end-of-turn),
+    its config's, and the tokenizer's."""
+    generation = getattr(model, "generation_config", None)
+    ids = [*_ids(getattr(generation, "eos_token_id", None)),
+           *_ids(getattr(model.config, "eos_token_id", None)),
+           *_ids(tokenizer.eos_token_id)]
+    return tuple(dict.fromkeys(ids))
+
+
 def load_model(name: str, revision: str | None, dtype: str | None, device: str,
                device_map: str | None = None, *, fused_activations: bool = True) -> LoadedModel:
     """Load ``name`` (a hub name or a local directory) for serving.
@@ -193,6 +217,11 @@ def load_model(name: str, revision: str | None, dtype: str | None, device: str,
         target = torch.device(device)
         model.to(target)
     model.eval()
+    stop_ids = stop_token_ids(model, tokenizer)
+    # generate() fills every option a GenerationConfig leaves unset from the model's
+    # generation_config.json (repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+    # ...): a probe decodes exactly as its spec says, so the model's file is set aside.
+    model.generation_config = GenerationConfig()
     if fused_activations and (replaced := use_fused_activations(model)):
         log.info("%s: %d activations use the fused tanh-GELU kernel", name, replaced)
     config = model.config
@@ -212,6 +241,7 @@ def load_model(name: str, revision: str | None, dtype: str | None, device: str,
         context_length=int(context) if context else None,
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         placement=placement,
+        stop_token_ids=stop_ids,
     )
 
 

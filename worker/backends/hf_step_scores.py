@@ -47,7 +47,8 @@ class StepScores(StoppingCriteria):
         log_norm = torch.logsumexp(step, dim=-1)
         self._chosen.append(step.gather(1, input_ids[:, -1:])[:, 0] - log_norm)
         if self.top_k:
-            values, ids = torch.topk((step - log_norm[:, None]).float(), self.top_k, dim=-1)
+            values, ids = torch.topk((step - log_norm[:, None]).float(),
+                                     min(self.top_k, step.shape[-1]), dim=-1)
             self._top_values.append(values)
             self._top_ids.append(ids)
         if self.release_scores:  # read: free its memory (generate chose the token before)

@@ -28,9 +28,9 @@ from .errors import ConfigError, SpecError
 from .jobs import JobHandle
 from .logits import check_logits_size_at_submit
 from .reuse import spec_hash_of
-from .schema import Job, JobStatus
+from .schema import MAX_QUEUE_LENGTH, Job, JobStatus
 from .settings import Settings, mask_url
-from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec
+from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec, token_id_list
 from .sweeps import DEFAULT_CHUNK_SIZE, SweepHandle, chunk_messages, sweep_specs
 
 if TYPE_CHECKING:
@@ -187,6 +187,8 @@ class Client:
         ]
         if not rows:
             return []
+        for queue_name in {row["queue"] for row in rows}:
+            check_queue_name(queue_name)
         by_id = {row["id"]: row for row in rows}
         written: list[str] = []
         try:
@@ -264,7 +266,7 @@ class Client:
         ``options`` are the remaining :class:`ScoreSpec` fields (revision, dtype,
         device, return_logits, logits_last_n, logits_dtype).
         """
-        spec = make_spec("score", text=text, token_ids=list(token_ids) if token_ids else None,
+        spec = make_spec("score", text=text, token_ids=token_id_list(token_ids),
                          model=model, prepend_bos=prepend_bos, top_logprobs=top_logprobs,
                          backend=backend, embedding=self._embedding_field(embedding),
                          **options)
@@ -345,7 +347,8 @@ class Client:
 
         ``probe`` is a spec (object or dict), or leave it out and pass the spec's
         fields as keywords (``kind="generate", prompt=..., model=...``). All the
-        jobs share one ``config_hash``; compare them with :meth:`determinism`.
+        jobs share one ``config_hash``; compare them with :meth:`determinism`. Every
+        run computes its result: ``reuse`` is off unless the spec sets it.
         """
         if n < 1:
             raise ValueError("n must be at least 1")
@@ -359,6 +362,8 @@ class Client:
         elif fields:
             raise ValueError("pass either a probe spec or keyword fields, not both")
         spec = parse_spec(probe)
+        if spec.reuse is None:  # a copy of the first run would measure nothing
+            spec = spec.model_copy(update={"reuse": False})
         handles: list[JobHandle] = []
         for queue in list(queues) if queues else [None]:
             handles.extend(self.submit_many([spec] * n, queue=queue))
@@ -378,18 +383,21 @@ class Client:
         kind: str | None = None,
         queue: str | None = None,
         chunk_size: int | None = None,
+        time_limit: int | None = None,
         **probe_options: Any,
     ) -> SweepHandle:
         """Submit the cross product texts x models (x seeds) as one sweep.
 
         ``kind`` is ``"score"`` (the default) or ``"generate"`` (the default when
         ``seeds`` are given: each seed is one sampled generation, ``do_sample=True``).
-        ``probe_options`` are the remaining spec fields, the same for every job.
-        Every job row gets the sweep's ``sweep_id``; returns at once.
+        ``probe_options`` are the remaining spec fields, the same for every job;
+        ``time_limit`` is each job's, as in :meth:`submit_many`. Every job row gets
+        the sweep's ``sweep_id``; returns at once.
         """
         sweep_id = uuid.uuid4().hex
         specs = sweep_specs(texts, models=models, seeds=seeds, kind=kind, **probe_options)
-        jobs = self.submit_many(specs, queue=queue, chunk_size=chunk_size, sweep_id=sweep_id)
+        jobs = self.submit_many(specs, queue=queue, chunk_size=chunk_size,
+                                time_limit=time_limit, sweep_id=sweep_id)
         return SweepHandle(self, sweep_id, [job.id for job in jobs])
 
     # --- reading -----------------------------------------------------------------
@@ -407,6 +415,13 @@ class Client:
 
         with self.engine.connect() as connection:
             return pd.read_sql_query(text(query), connection, params=params)
+
+
+def check_queue_name(queue: str) -> None:
+    """Refuse a queue name the ``jobs.queue`` column cannot hold."""
+    if not queue or len(queue) > MAX_QUEUE_LENGTH:
+        raise SpecError(f"queue: {queue[:40]!r}{'...' if len(queue) > 40 else ''} is "
+                        f"{len(queue)} characters; name a queue of 1 to {MAX_QUEUE_LENGTH}")
 
 
 def check_time_limit(time_limit: int | None) -> None:

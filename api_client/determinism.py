@@ -2,13 +2,15 @@
 
 A *probe configuration* is what a probe asks, independent of where and how often
 it runs: ``jobs.config_hash`` = sha256 of the spec's canonical JSON (keys
-sorted, no whitespace) without ``seed`` and ``device``. Runs of one
+sorted, no whitespace) without ``seed``, ``device`` and ``reuse``. Runs of one
 configuration that differ in seed, device, library versions, model revision,
 batch size or ``system_fingerprint`` therefore land in the same report row,
 with a flag that says what differed. ``jobs.output_hash`` = sha256 of the output
 token ids of every sequence (generated tokens for generate probes, the scored
 tokens for score probes), so ``COUNT(DISTINCT output_hash)`` counts distinct
-outputs. The ``determinism_report`` view (migration 0003) aggregates both.
+outputs. The ``determinism_report`` view (migrations 0003, 0008) aggregates both,
+over the jobs that computed their result: a job answered from an identical job's
+rows (``reused_from``) is a copy, not a run.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ if TYPE_CHECKING:
 
     from .results import SequenceResult
 
-#: Spec fields that do not define a configuration: the report compares runs across them.
-RUN_FIELDS = frozenset({"seed", "device"})
+#: Spec fields that say how a probe runs, not what it asks: the report compares runs
+#: across them (migration 0008 added ``reuse``).
+RUN_FIELDS = frozenset({"seed", "device", "reuse"})
 
 #: The SQL view (created by migration 0003) with one row per configuration.
 REPORT_VIEW = "determinism_report"
@@ -45,7 +48,7 @@ def canonical_json(data: Any) -> str:
 
 
 def config_hash(spec: ScoreSpec | GenerateSpec) -> str:
-    """The probe configuration of ``spec``: sha256 of its JSON without seed and device."""
+    """The probe configuration of ``spec``: sha256 of its JSON without the RUN_FIELDS."""
     return config_hash_of(spec.model_dump(mode="json"))
 
 

@@ -7,9 +7,9 @@ position *i* (the prediction for position *i + 1*), all positions or the last
 steps; steps after a sequence's EOS are the padding HF produced.
 
 The cap (``LOGPROBE_MAX_LOGITS_BYTES``, default 1 GiB) is checked twice: at
-submit, from an upper bound on the size when the model is a local directory
-with a ``config.json`` (its ``vocab_size`` and context length), and exactly in
-the worker before the model runs.
+submit, when the model is a local directory with a ``config.json`` (its
+``vocab_size``) and the rows are known without tokenizing (token ids, an uploaded
+embedding, generation steps), and exactly in the worker before the model runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .embedding_specs import ArtifactEmbedding, InterpolateEmbedding, NoiseEmbedding
+from .embedding_specs import ArtifactEmbedding
 from .errors import SpecError
 from .specs import GenerateSpec, ScoreSpec
 
@@ -50,34 +50,32 @@ def _local_config(model: str) -> dict | None:
         return None
 
 
-def max_rows(spec: ScoreSpec | GenerateSpec, context: int | None) -> int | None:
-    """An upper bound on the logits rows ``spec`` can produce; None if unknown."""
+def known_rows(spec: ScoreSpec | GenerateSpec, context: int | None) -> int | None:
+    """The logits rows ``spec`` asks for where they are known before tokenizing (token
+    ids, an uploaded embedding, generation steps, ``logits_last_n``); None for a text,
+    whose token count only the model's tokenizer knows."""
     if isinstance(spec, GenerateSpec):
+        # As the worker counts them: every step may run (EOS can end it sooner).
         steps = min(spec.max_new_tokens, spec.logits_last_n or spec.max_new_tokens)
         return steps * spec.num_return_sequences
-    emb = spec.embedding
-    rows: int | None
-    if spec.token_ids is not None:
+    rows: int | None = None
+    if spec.token_ids is not None and spec.embedding is None:
         rows = len(spec.token_ids) + int(spec.prepend_bos)
-    elif isinstance(emb, ArtifactEmbedding):
-        rows = emb.shape[0]
-    else:
-        # A token covers at least one byte (byte-level BPE, SentencePiece byte fallback).
-        text = (spec.text if emb is None else emb.text if isinstance(emb, NoiseEmbedding)
-                else emb.text_a if isinstance(emb, InterpolateEmbedding) else None)
-        rows = None if text is None else len(text.encode()) + 1
-    if context is not None:
-        rows = context if rows is None else min(rows, context)
-    if spec.logits_last_n is not None:
-        rows = spec.logits_last_n if rows is None else min(rows, spec.logits_last_n)
+    elif isinstance(spec.embedding, ArtifactEmbedding):
+        rows = spec.embedding.shape[0]
+    if rows is not None and context is not None:
+        rows = min(rows, context)  # a longer input fails in the worker anyway
+    if rows is not None and spec.logits_last_n is not None:
+        rows = min(rows, spec.logits_last_n)
     return rows
 
 
 def check_logits_size_at_submit(spec: ScoreSpec | GenerateSpec, cap: int) -> None:
-    """Refuse a ``return_logits`` spec whose logits would surely exceed ``cap``.
+    """Refuse a ``return_logits`` spec whose logits would exceed ``cap``.
 
     Only possible for a local model directory (its config.json gives the vocab
-    size); hub models are checked by the worker.
+    size) and rows known without its tokenizer (:func:`known_rows`); the worker
+    checks every spec exactly before the model runs.
     """
     if not spec.return_logits:
         return
@@ -85,6 +83,7 @@ def check_logits_size_at_submit(spec: ScoreSpec | GenerateSpec, cap: int) -> Non
     if not config or not isinstance(config.get("vocab_size"), int):
         return
     context = next((config[k] for k in _CONTEXT_KEYS if isinstance(config.get(k), int)), None)
-    rows = max_rows(spec, context)
+    rows = known_rows(spec, context)
     if rows is not None and logits_bytes(rows, config["vocab_size"], spec.logits_dtype) > cap:
-        raise SpecError(too_big_message(spec, rows, config["vocab_size"], cap, exact=False))
+        exact = isinstance(spec, ScoreSpec)  # generation: every step that may run
+        raise SpecError(too_big_message(spec, rows, config["vocab_size"], cap, exact=exact))

@@ -1,10 +1,12 @@
 """Result reuse: which probes are identical, and when an identical result may be reused.
 
 Two jobs are identical when their specs are equal (less the ``reuse`` flag
-itself) and they ran on the same resolved model revision, dtype, seed and
-deterministic setting. The client stores :func:`spec_hash` on every job row
-(``jobs.spec_hash``) so the worker finds an identical finished job with one
-indexed query; the revision, dtype and determinism are known only to the worker.
+itself) and they ran on the same resolved model revision, dtype, seed, device
+(CPU or GPU model) and deterministic setting. The client stores :func:`spec_hash`
+on every job row (``jobs.spec_hash``) so the worker finds an identical finished job
+with one indexed query; the revision, dtype, device and determinism are known only
+to the worker. ``client.repeat`` submits with ``reuse=False``: its runs are meant
+to be computed again.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .db_base import Base
 
+#: Longest queue name the ``jobs.queue`` column holds.
+MAX_QUEUE_LENGTH = 128
+
 
 class JobStatus(str, enum.Enum):
     QUEUED = "queued"  # row written at submit, message sent to the broker
@@ -63,7 +66,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(512), index=True)
     status: Mapped[JobStatus] = mapped_column(_status_enum(), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    queue: Mapped[str] = mapped_column(String(128))
+    queue: Mapped[str] = mapped_column(String(MAX_QUEUE_LENGTH))
 
     # What ran: resolved at run time by the worker.
     model_revision: Mapped[str | None] = mapped_column(String(128))

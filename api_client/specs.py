@@ -8,10 +8,21 @@ validators, so an invalid spec is refused with a message that names the field.
 
 from __future__ import annotations
 
+import numbers
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .embedding_specs import AnyEmbedding, ArtifactEmbedding, EmbeddingInput, LogitsDType
 from .errors import SpecError
@@ -27,6 +38,31 @@ MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
 #: The most alternatives each OpenAI endpoint returns per position.
 OPENAI_MAX_TOP_LOGPROBS = {"completions": 5, "chat": 20}
+#: OpenAI's sampling temperature range is 0..2.
+OPENAI_MAX_TEMPERATURE = 2.0
+#: Longest model name or directory (the ``jobs.model`` column).
+MAX_MODEL_LENGTH = 512
+#: What a model given as a local directory starts with (else it is a hub name).
+PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def is_model_path(model: str) -> bool:
+    return model.startswith(PATH_PREFIXES) or model in (".", "..")
+
+
+def token_id_list(token_ids: Any) -> list[Any] | None:
+    """Token ids as a plain list: from a list, a numpy array or a torch tensor, or a
+    tokenizer's ``[1, n]`` batch of one; the spec checks the values."""
+    if token_ids is None:
+        return None
+    if hasattr(token_ids, "tolist"):  # numpy array, torch tensor (duck-typed)
+        token_ids = token_ids.tolist()
+    ids = list(token_ids) if isinstance(token_ids, Iterable) else token_ids
+    if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], list):
+        ids = ids[0]  # return_tensors="pt"/"np" gives a batch of one
+    if isinstance(ids, list):
+        return [int(i) if isinstance(i, numbers.Integral) else i for i in ids]
+    return ids
 
 
 class _ProbeBase(BaseModel):
@@ -35,7 +71,8 @@ class _ProbeBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     backend: Backend = "hf"
-    model: str = Field(min_length=1, description="hub name (`gpt2`) or a local model directory")
+    model: str = Field(min_length=1, max_length=MAX_MODEL_LENGTH,
+                       description="hub name (`gpt2`) or a local model directory")
     revision: str | None = Field(
         default=None, min_length=1, description="hub branch, tag or commit to load"
     )
@@ -61,11 +98,19 @@ class _ProbeBase(BaseModel):
         "None = yes for score, greedy and seeded probes, no for unseeded sampling",
     )
 
+    @field_validator("model")
+    @classmethod
+    def absolute_model_path(cls, model: str) -> str:
+        """A directory given relative to where the probe is submitted (``./m``, ``~/m``)
+        is stored absolute: a worker elsewhere must not read it relative to its own."""
+        if is_model_path(model):
+            return os.path.abspath(os.path.expanduser(model))
+        return model
+
     @model_validator(mode="after")
     def check_local_model_exists(self) -> _ProbeBase:
         """A model given as a path must exist; a hub name is checked by the worker."""
-        looks_like_path = self.model.startswith(("/", "./", "../", "~"))
-        if looks_like_path and not Path(self.model).expanduser().is_dir():
+        if is_model_path(self.model) and not Path(self.model).is_dir():
             raise ValueError(
                 f"model directory {self.model!r} does not exist; pass an existing "
                 "directory or a hub name such as 'gpt2'"
@@ -116,6 +161,10 @@ class _ProbeBase(BaseModel):
         if getattr(self, "top_k", None) is not None:
             raise ValueError("top_k is not an OpenAI sampling parameter; use top_p or "
                              "temperature with backend='openai'")
+        temperature = getattr(self, "temperature", None)
+        if temperature is not None and temperature > OPENAI_MAX_TEMPERATURE:
+            raise ValueError(f"temperature is at most {OPENAI_MAX_TEMPERATURE:g} on OpenAI "
+                             f"(got {temperature:g})")
         return self
 
     @model_validator(mode="after")
@@ -208,9 +257,9 @@ class GenerateSpec(_ProbeBase):
     prompt: str | None = Field(default=None, min_length=1)
     max_new_tokens: int = Field(default=16, ge=1, le=100_000)
     do_sample: bool = False
-    temperature: float | None = Field(default=None, gt=0, le=100)
+    temperature: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=1)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_return_sequences: int = Field(default=1, ge=1, le=64)
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)

@@ -80,3 +80,43 @@ def test_submit_generate_and_bad_spec(hf_worker, client, tiny_gpt2) -> None:
     )
     assert bad.returncode == 2
     assert "seed only apply when sampling; set do_sample=True" in bad.stderr
+
+
+def test_submit_merges_spec_json_with_options(hf_worker, client, tiny_gpt2) -> None:
+    """--spec values stand unless an option is given; options given as 0 count; a model
+    directory given relative to the shell's directory is stored absolute."""
+    from pathlib import Path
+
+    model = Path(tiny_gpt2)
+    spec_json = '{"max_new_tokens": 7, "num_return_sequences": 2, "do_sample": true}'
+
+    def submit(*args: str) -> dict:
+        out = subprocess.run(
+            logprobe_command("--redis-url", hf_worker.redis_url, "--database-url",
+                             hf_worker.database_url, "submit", "generate", "Finn", "--queue",
+                             hf_worker.queue, *args),
+            capture_output=True, text=True, env=subprocess_env(), timeout=60,
+            cwd=model.parent,
+        )
+        assert out.returncode == 0, out.stderr
+        return client.job(out.stdout.split()[0]).info()["spec"]
+
+    spec = submit("--model", f"./{model.name}", "--spec", spec_json, "--seed", "0")
+    assert (spec["max_new_tokens"], spec["num_return_sequences"], spec["do_sample"],
+            spec["seed"], spec["backend"]) == (7, 2, True, 0, "hf")
+    assert spec["model"] == str(model.resolve())
+    spec = submit("--model", tiny_gpt2, "--spec", spec_json, "--max-new-tokens", "3")
+    assert (spec["max_new_tokens"], spec["num_return_sequences"]) == (3, 2)
+
+    for args, message in [(["--spec", "{max_new_tokens: 7}"], "--spec is not valid JSON"),
+                          (["--spec", "[1]"], "--spec must be a JSON object"),
+                          (["--token-ids", "1,x"], "not a comma-separated list")]:
+        kind = "score" if "--token-ids" in args else "generate"
+        bad = subprocess.run(
+            logprobe_command("--redis-url", hf_worker.redis_url, "--database-url",
+                             hf_worker.database_url, "submit", kind, "--model", tiny_gpt2,
+                             *args),
+            capture_output=True, text=True, env=subprocess_env(), timeout=60,
+        )
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr

@@ -76,6 +76,15 @@ def test_repeat_is_deterministic(client: Client, tiny_models: dict, model_name: 
         assert row[flag] == 0, flag
     assert row["min_batch_size"] == row["max_batch_size"] == 1
     assert all(j.info()["deterministic"] is True for j in jobs)
+    assert all(j.info()["reused_from"] is None for j in jobs)  # every run computed
+
+    # The same probe submitted plainly (reuse on by default) is answered from a run's
+    # rows: the same configuration, but a copy is not a run.
+    plain = client.submit(spec)
+    assert plain.result(timeout=120).sequences[0].token_ids == results[0].sequences[0].token_ids
+    assert plain.info()["reused_from"] in {j.id for j in jobs}
+    assert plain.info()["config_hash"] == config_hash(spec)
+    assert report_row(client, config_hash(spec))["runs"] == 5
 
 
 def test_report_flags_a_planted_difference(client: Client, tiny_gpt2: str,

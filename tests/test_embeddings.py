@@ -286,15 +286,19 @@ def test_logits_size_cap(client: Client, tiny_gpt2: str, tensor_worker: WorkerPr
     assert last.logits(timeout=120).shape == (3, 50257)
     assert refused.status() is JobStatus.FAILED and tensor_worker.alive()
 
-    # At submit: the local model's config.json bounds the size.
+    # At submit: the local model's config.json gives the vocabulary; rows known
+    # without the tokenizer (token ids, generation steps) are refused there.
     monkeypatch.setenv("LOGPROBE_MAX_LOGITS_BYTES", str(50257 * 4 * 4))
     with Client(redis_url=client.settings.redis_url, database_url=client.settings.database_url,
                 queue=client.queue) as capped:
-        with pytest.raises(SpecError, match="return_logits: up to 40 rows"):
-            capped.score(" " * 39, model=tiny_gpt2, return_logits=True)
+        with pytest.raises(SpecError, match="return_logits: 5 rows"):
+            capped.score(token_ids=[1, 2, 3, 4, 5], model=tiny_gpt2, return_logits=True)
         with pytest.raises(SpecError, match="return_logits: up to 8 rows"):
             capped.generate(TEXT, model=tiny_gpt2, max_new_tokens=8, return_logits=True)
         assert capped.score(TEXT, model=tiny_gpt2, return_logits=True, logits_last_n=4)
+        # A text's tokens are counted by the worker: 14 bytes, 3 tokens, within 4 rows.
+        fits = capped.score(" one two three", model=tiny_gpt2, return_logits=True)
+    assert fits.logits(timeout=120).shape == (3, 50257)
 
 
 def test_fsspec_store_round_trip(tmp_path: Path) -> None:

@@ -50,6 +50,11 @@ def test_valid_specs_round_trip_as_json() -> None:
         ("generate", {"model": "gpt2", "prompt": "a", "do_sample": True, "top_p": 1.5}, "top_p"),
         ("generate", {"model": "gpt2", "prompt": ""}, "prompt"),
         ("generate", {"model": "gpt2", "prompt": "a", "backend": "vllm"}, "backend"),
+        ("generate", {"model": "gpt2", "prompt": "a", "do_sample": True,
+                      "temperature": float("nan")}, "temperature: Input should be a finite"),
+        ("generate", {"model": "davinci-002", "prompt": "a", "backend": "openai",
+                      "do_sample": True, "temperature": 2.5}, "temperature is at most 2"),
+        ("score", {"model": "m" * 513, "text": "a"}, "model: String should have at most 512"),
     ],
 )
 def test_invalid_specs_name_the_field(kind: str, fields: dict, expected: str) -> None:
@@ -72,3 +77,28 @@ def test_client_side_imports_no_heavy_packages() -> None:
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_token_ids_come_from_arrays_and_tensors() -> None:
+    import numpy as np
+    import torch
+
+    from api_client.specs import token_id_list
+
+    for ids in ([464, 2068], np.array([464, 2068]), torch.tensor([[464, 2068]]),
+                (np.int64(464), 2068)):
+        spec = make_spec("score", model="gpt2", token_ids=token_id_list(ids))
+        assert spec.token_ids == [464, 2068] and type(spec.token_ids[0]) is int
+    assert "token_ids" in refused("score", model="gpt2", text="a", token_ids=token_id_list([]))
+
+
+def test_model_directories_are_stored_absolute(tmp_path, monkeypatch) -> None:
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models")
+    assert make_spec("score", model="./tiny", text="a").model == str(tmp_path / "models" / "tiny")
+    assert make_spec("score", model="../models/tiny", text="a").model == \
+        str(tmp_path / "models" / "tiny")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert make_spec("score", model="~/models/tiny", text="a").model == \
+        str(tmp_path / "models" / "tiny")
+    assert make_spec("score", model="gpt2", text="a").model == "gpt2"

@@ -1,10 +1,11 @@
 """Answer a probe from an identical finished job's rows instead of recomputing it.
 
 Identical = same ``jobs.spec_hash`` (the spec less its ``reuse`` flag, see
-:mod:`api_client.reuse`) and the same resolved model revision, dtype and
-deterministic setting, which the backend reports for the job about to run
-(:meth:`Backend.identity`). The copy is made inside the database
-(``INSERT ... SELECT``), and the job records the original in ``reused_from``.
+:mod:`api_client.reuse`) and the same resolved model revision, dtype, device
+(``device_name``: the CPU or GPU model) and deterministic setting, which the
+backend reports for the job about to run (:meth:`Backend.identity`). The copy is
+made inside the database (``INSERT ... SELECT``), and the job records the original
+in ``reused_from``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ COPIED_COLUMNS = (
     "transformers_version", "openai_version", "system_fingerprint", "request_params",
     "prompt_tokens", "completion_tokens", "output_hash",
 )
-IDENTITY_COLUMNS = ("model_revision", "dtype", "deterministic")
+IDENTITY_COLUMNS = ("model_revision", "dtype", "device_name", "deterministic")
 
 
 def find_sources(
@@ -39,8 +40,8 @@ def find_sources(
         return {}
     candidates: dict[str, list[Any]] = {}
     for row in session.execute(
-        select(Job.id, Job.spec_hash, Job.reused_from, Job.model_revision, Job.dtype,
-               Job.deterministic)
+        select(Job.id, Job.spec_hash, Job.reused_from,
+               *(getattr(Job, column) for column in IDENTITY_COLUMNS))
         .where(Job.spec_hash.in_(hashes), Job.status == JobStatus.SUCCEEDED)
         .order_by(Job.finished_at)
     ):

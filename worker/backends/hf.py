@@ -81,10 +81,12 @@ class HFBackend(Backend):
         return [out for out in outputs if out is not None]
 
     def identity(self, spec: AnySpec) -> dict[str, Any] | None:
-        """What besides the spec decides the result: resolved revision, dtype, determinism."""
+        """What besides the spec decides the result: resolved revision, dtype, the device
+        it runs on (a CPU's or GPU's kernels round differently) and determinism."""
         lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device,
                              device_map=spec.device_map)
         return {"model_revision": lm.revision, "dtype": lm.dtype,
+                "device_name": lm.fixed_provenance["device_name"],
                 "deterministic": torch.are_deterministic_algorithms_enabled()}
 
     def run_one(self, spec: AnySpec) -> ProbeOutput:

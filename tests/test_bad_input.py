@@ -81,4 +81,27 @@ def test_invalid_spec_is_refused_at_submit_and_writes_nothing(client) -> None:
     with pytest.raises(SpecError, match="prompt"):
         client.submit_many([{"kind": "generate", "model": "gpt2", "prompt": "ok"},
                             {"kind": "generate", "model": "gpt2"}])
+    # Too long for the jobs table's columns (PostgreSQL would refuse the row).
+    with pytest.raises(SpecError, match=r"queue: .* 129 characters"):
+        client.score(TEXT, model="gpt2", queue="q" * 129)
+    with pytest.raises(SpecError, match="model: String should have at most 512"):
+        client.score(TEXT, model="m" * 513)
+    with pytest.raises(SpecError, match="token_ids"):
+        client.score(TEXT, model="gpt2", token_ids=[])
     assert client.sql("SELECT COUNT(*) AS n FROM jobs").iloc[0]["n"] == before
+
+
+def test_token_ids_as_an_array_and_a_sweep_with_a_time_limit(client, tiny_gpt2) -> None:
+    import numpy as np
+    import torch
+
+    ids = [464, 2068, 7586]
+    from_numpy = client.score(model=tiny_gpt2, token_ids=np.array(ids)).result(timeout=120)
+    from_torch = client.score(model=tiny_gpt2, token_ids=torch.tensor([ids])).result(timeout=120)
+    assert [t.token_id for t in from_numpy.tokens] == [t.token_id for t in from_torch.tokens] \
+        == ids
+    assert from_numpy.loss == from_torch.loss
+    sweep = client.sweep([TEXT, "another text"], models=[tiny_gpt2], time_limit=120)
+    limits = client.sql("SELECT time_limit FROM jobs WHERE sweep_id = :s",
+                        {"s": sweep.id})["time_limit"]
+    assert limits.tolist() == [120, 120]

@@ -36,14 +36,18 @@ from .control import (
     live_state,
     monitoring,
 )
-from .db_retry import with_db_retry
+from .db_retry import DatabaseUnavailable, with_db_retry
 from .failures import cancel_message, describe_failure, release_memory, time_limit_message
+from .output_checks import nan_logprobs_error
 from .persistence import store_cancelled, store_failure, store_output
 from .result_reuse import copy_results, find_sources
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: A claimed job: its id, its spec and its control (time limit, cancel flag, progress).
+ClaimedJob = tuple[str, AnySpec, JobControl]
 
 
 class ProcessState:
@@ -161,7 +165,7 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
     for item in candidates:
         if item["id"] not in runnable:
             log.info("job %s is finished or given up; skipping", item["id"])
-    claimed: dict[str, list[tuple[str, AnySpec, JobControl]]] = defaultdict(list)
+    claimed: dict[str, list[ClaimedJob]] = defaultdict(list)
     for item in candidates:
         job_id = item["id"]
         if job_id not in runnable:
@@ -183,43 +187,77 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
         claimed[spec.backend].append((job_id, spec, control))
 
     for backend_name, jobs in claimed.items():
-        outputs: list[ProbeOutput | Exception]
         duplicates: dict[str, str] = {}
         try:
             backend = get_backend(backend_name, **state.backend_options(backend_name))
             jobs, duplicates = _reuse(state, backend, jobs)
         except Exception:  # reuse is an optimisation: on any trouble, just run the jobs
             log.exception("result reuse failed; running the jobs")
-        with monitoring([(spec, control) for _, spec, control in jobs]):
-            try:
-                backend = get_backend(backend_name, **state.backend_options(backend_name))
-                outputs = backend.run([spec for _, spec, _ in jobs])
-            except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
-                log.exception("backend %s failed", backend_name)
-                outputs = [exc] * len(jobs)
-        returned = time.monotonic()
-        # Plain successes in one bulk transaction; failures, stopped and logits jobs alone.
-        plain = [(job_id, output) for (job_id, _, control), output in zip(jobs, outputs,
-                                                                          strict=True)
-                 if not isinstance(output, Exception) and control.stop_reason is None
-                 and output.logits is None and not output.artifacts]
-        stored = _store_batch(state, plain,
-                              {job_id: {"spec_hash": spec_hash(spec)} for job_id, spec, _ in jobs})
-        for (job_id, _, control), output in zip(jobs, outputs, strict=True):
-            if job_id in stored:
-                continue
-            _finish(state, job_id, output, control)
-            if control.stopped_at is not None:
-                log.info("job %s stopped (%s) at %d/%s %s; results ready %.0f ms and stored "
-                         "%.0f ms later", job_id, control.stop_reason, control.done,
-                         control.total, control.unit, 1000 * (returned - control.stopped_at),
-                         1000 * (time.monotonic() - control.stopped_at))
+        _run_and_store(state, backend_name, jobs)
         if duplicates:
             _finish_duplicates(state, duplicates)
 
 
-def _reuse(state: ProcessState, backend: Backend, jobs: list[tuple[str, AnySpec, JobControl]]
-           ) -> tuple[list[tuple[str, AnySpec, JobControl]], dict[str, str]]:
+def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob]) -> None:
+    """Run ``jobs`` on their backend and store every outcome."""
+    outputs: list[ProbeOutput | Exception]
+    with monitoring([(spec, control) for _, spec, control in jobs]):
+        try:
+            backend = get_backend(backend_name, **state.backend_options(backend_name))
+            outputs = backend.run([spec for _, spec, _ in jobs])
+        except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
+            log.exception("backend %s failed", backend_name)
+            outputs = [exc] * len(jobs)
+    returned = time.monotonic()
+    outputs = [_refuse_nan(output) for output in outputs]
+    # Plain successes in one bulk transaction; failures, stopped and logits jobs alone.
+    plain = [(job_id, output) for (job_id, _, control), output in zip(jobs, outputs,
+                                                                      strict=True)
+             if not isinstance(output, Exception) and control.stop_reason is None
+             and output.logits is None and not output.artifacts]
+    stored = _store_batch(state, plain,
+                          {job_id: {"spec_hash": spec_hash(spec)} for job_id, spec, _ in jobs})
+    for (job_id, _, control), output in zip(jobs, outputs, strict=True):
+        if job_id in stored:
+            continue
+        try:
+            _finish(state, job_id, output, control)
+        except DatabaseUnavailable:
+            raise  # the message goes back to the queue (see tasks.run_probes)
+        except Exception as exc:  # the database refused this job's outcome
+            _fail_unstorable(state, job_id, exc)
+            continue
+        if control.stopped_at is not None:
+            log.info("job %s stopped (%s) at %d/%s %s; results ready %.0f ms and stored "
+                     "%.0f ms later", job_id, control.stop_reason, control.done,
+                     control.total, control.unit, 1000 * (returned - control.stopped_at),
+                     1000 * (time.monotonic() - control.stopped_at))
+
+
+def _refuse_nan(output: ProbeOutput | Exception) -> ProbeOutput | Exception:
+    if isinstance(output, Exception):
+        return output
+    return nan_logprobs_error(output) or output
+
+
+def _fail_unstorable(state: ProcessState, job_id: str, exc: Exception) -> None:
+    """Fail a job whose outcome the database refused (a constraint, a value it cannot
+    hold), in a fresh session, with the database's reason."""
+    log.exception("job %s: its outcome could not be stored; failing it", job_id)
+    reason = getattr(exc, "orig", None) or exc
+    first_line = (str(reason).strip().splitlines() or [type(exc).__name__])[0][:500]
+    message = f"the job's result could not be stored: {first_line}"
+    try:
+        _store(state, f"fail job {job_id}", lambda s: store_failure(
+            s, job_id, message, error_type=type(exc).__name__))
+    except DatabaseUnavailable:
+        raise
+    except Exception:
+        log.exception("job %s: not even its failure could be stored", job_id)
+
+
+def _reuse(state: ProcessState, backend: Backend, jobs: list[ClaimedJob]
+           ) -> tuple[list[ClaimedJob], dict[str, str]]:
     """Answer jobs identical to finished ones from SQL; of identical jobs within this
     batch keep the first. Returns the jobs left to run and ``{duplicate: first}``."""
     candidates = [(job_id, spec) for job_id, spec, _ in jobs

@@ -85,6 +85,11 @@ class JobControl:
 
     # --- used by the runner ----------------------------------------------------------
 
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the monitor saw the job's cancel flag (also for a job not computing)."""
+        return self._cancel.is_set()
+
     def report_into(self, pipe: Any, final: bool = False) -> None:
         """Queue this job's progress hash (the heartbeat) on a Redis pipeline."""
         fields: dict[str, Any] = {

@@ -187,21 +187,24 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
         claimed[spec.backend].append((job_id, spec, control))
 
     for backend_name, jobs in claimed.items():
-        duplicates: dict[str, str] = {}
+        twins: dict[str, str] = {}
         try:
             backend = get_backend(backend_name, **state.backend_options(backend_name))
-            jobs, duplicates = _reuse(state, backend, jobs)
+            jobs, twins = _reuse(state, backend, jobs)
         except Exception:  # reuse is an optimisation: on any trouble, just run the jobs
             log.exception("result reuse failed; running the jobs")
-        _run_and_store(state, backend_name, jobs)
-        if duplicates:
-            _finish_duplicates(state, duplicates)
+        waiting = [job for job in claimed[backend_name] if job[0] in twins]
+        while jobs:  # a twin whose first did not succeed runs in the next round
+            _run_and_store(state, backend_name, jobs, waiting)
+            jobs, waiting, twins = _settle_twins(state, waiting, twins)
 
 
-def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob]) -> None:
-    """Run ``jobs`` on their backend and store every outcome."""
+def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob],
+                   waiting: list[ClaimedJob]) -> None:
+    """Run ``jobs`` on their backend and store every outcome. The cancel flags of the
+    ``waiting`` twins are watched meanwhile (and their heartbeats written)."""
     outputs: list[ProbeOutput | Exception]
-    with monitoring([(spec, control) for _, spec, control in jobs]):
+    with monitoring([(spec, control) for _, spec, control in (*jobs, *waiting)]):
         try:
             backend = get_backend(backend_name, **state.backend_options(backend_name))
             outputs = backend.run([spec for _, spec, _ in jobs])
@@ -305,16 +308,44 @@ def _identities(backend: Backend,
     return result
 
 
-def _finish_duplicates(state: ProcessState, duplicates: dict[str, str]) -> None:
-    """Give each in-batch duplicate its first twin's rows (or its failure)."""
-    copied = set(_with_session(state, "copy results to identical jobs",
-                               lambda s: copy_results(s, duplicates)))
-    for job_id, source in duplicates.items():
-        if job_id not in copied:
-            _store(state, f"fail duplicate job {job_id}",
-                   lambda s, job_id=job_id, source=source: store_failure(
-                       s, job_id, f"an identical job in the same batch ({source}) did not "
-                       "succeed; see its error"))
+def _settle_twins(state: ProcessState, waiting: list[ClaimedJob], twins: dict[str, str]
+                  ) -> tuple[list[ClaimedJob], list[ClaimedJob], dict[str, str]]:
+    """After a round: end the waiting twins that were cancelled, give the others their
+    first twin's rows where it succeeded. Those whose first did not succeed (cancelled,
+    out of time, failed) are run themselves: returns the jobs of the next round, the
+    twins that wait on them, and ``{twin: first}`` for those."""
+    for job_id, _, control in waiting:
+        if control.cancel_requested:
+            _store(state, f"cancel job {job_id}", lambda s, job_id=job_id: store_cancelled(
+                s, job_id, "cancelled before it started (it was waiting for an identical "
+                "job of its message)"))
+    sources = {job_id: twins[job_id] for job_id, _, control in waiting
+               if not control.cancel_requested}
+    copied: set[str] = set()
+    if sources:
+        try:
+            copied = set(_with_session(state, "copy results to identical jobs",
+                                       lambda s: copy_results(s, sources)))
+        except DatabaseUnavailable:
+            raise
+        except Exception:  # then the twins run themselves
+            log.exception("copying results to identical jobs failed")
+    run: list[ClaimedJob] = []
+    replaced: dict[str, str] = {}  # first twin that did not succeed -> its stand-in
+    next_twins: dict[str, str] = {}
+    for job in waiting:
+        job_id = job[0]
+        if job_id not in sources or job_id in copied:
+            continue
+        source = sources[job_id]
+        if source in replaced:
+            next_twins[job_id] = replaced[source]
+        else:
+            log.info("job %s: its identical job %s did not succeed; running it", job_id,
+                     source)
+            replaced[source] = job_id
+            run.append(job)
+    return run, [job for job in waiting if job[0] in next_twins], next_twins
 
 
 def _store_batch(state: ProcessState, done: list[tuple[str, ProbeOutput]],

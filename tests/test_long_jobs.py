@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from functools import cache
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -164,6 +165,26 @@ def test_time_limit_stops_the_job_with_a_clear_error(lj_client: Client, long_gpt
     partial = job.result(timeout=1, allow_partial=True)
     assert 0 < len(partial.tokens) < 10_000
     assert (info["finished_at"] - info["started_at"]).total_seconds() < 3 + 3
+
+
+def test_each_job_of_a_message_has_its_own_time_limit(lj_client: Client,
+                                                     long_gpt2: str) -> None:
+    """Eight generations of ~0.6 s each in one message, 3 s each: all fit their own
+    limit, though together they take longer than one limit."""
+    from api_client.specs import make_spec
+
+    tag = uuid.uuid4().hex[:6]
+    specs = [make_spec("generate", prompt=f"Story {i} {tag}", model=long_gpt2,
+                       max_new_tokens=400) for i in range(8)]
+    jobs = lj_client.submit_many(specs, time_limit=3)
+    assert [job.wait(timeout=120) for job in jobs] == [JobStatus.SUCCEEDED] * 8
+    assert all(len(job.result(timeout=1).tokens) == 400 for job in jobs)
+    # started_at is when each job's own generation began, once the one before ended.
+    starts = [job.info()["started_at"] for job in jobs]
+    finished = jobs[-1].info()["finished_at"]
+    took = [(later - earlier).total_seconds() for earlier, later in pairwise(starts)]
+    assert all(0 < seconds < 3 for seconds in took), took
+    assert (finished - starts[0]).total_seconds() > 3  # one clock for all would have run out
 
 
 def _twins(client: Client, model: str, n_tokens: int) -> list[Any]:

@@ -11,6 +11,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -118,6 +119,7 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
     """Store one job's outcome: its rows, its partial rows, or its error."""
     if not isinstance(output, Exception) and output.logits is not None:
         output = write_logits(output, job_id, state.artifacts)
+    started_at = _started_at(control)
     if isinstance(output, Exception):
         error_type, message = describe_failure(output, control)
         log.info("job %s failed: %s", job_id, message)
@@ -125,22 +127,23 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
         output.__traceback__ = None
         if error_type == "OutOfMemory":
             release_memory()
+        began = {"started_at": started_at} if started_at is not None else None
         _store(state, f"store the failure of job {job_id}",
-               lambda s: store_failure(s, job_id, message, error_type=error_type))
+               lambda s: store_failure(s, job_id, message, began, error_type=error_type))
     elif control.stop_reason == CANCELLED:
         _store(state, f"store cancelled job {job_id}",
                lambda s: store_output(s, job_id, output, status=JobStatus.CANCELLED,
                                       partial=True, error=cancel_message(control),
-                                      error_type="Cancelled"))
+                                      error_type="Cancelled", started_at=started_at))
     elif control.stop_reason == TIME_LIMIT:
         _store(state, f"store timed-out job {job_id}",
                lambda s: store_output(s, job_id, output, status=JobStatus.FAILED,
                                       partial=True,
                                       error=time_limit_message(control.time_limit, control),
-                                      error_type="TimeLimitExceeded"))
+                                      error_type="TimeLimitExceeded", started_at=started_at))
     else:
         _store(state, f"store the result of job {job_id}",
-               lambda s: store_output(s, job_id, output))
+               lambda s: store_output(s, job_id, output, started_at=started_at))
 
 
 def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
@@ -218,8 +221,8 @@ def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob
                                                                       strict=True)
              if not isinstance(output, Exception) and control.stop_reason is None
              and output.logits is None and not output.artifacts]
-    stored = _store_batch(state, plain,
-                          {job_id: {"spec_hash": spec_hash(spec)} for job_id, spec, _ in jobs})
+    stored = _store_batch(state, plain, {job_id: _job_values(spec, control)
+                                         for job_id, spec, control in jobs})
     for (job_id, _, control), output in zip(jobs, outputs, strict=True):
         if job_id in stored:
             continue
@@ -241,6 +244,22 @@ def _refuse_nan(output: ProbeOutput | Exception) -> ProbeOutput | Exception:
     if isinstance(output, Exception):
         return output
     return nan_logprobs_error(output) or output
+
+
+def _started_at(control: JobControl) -> datetime | None:
+    """When the job's own compute began (None: it never began)."""
+    if control.begun_at is None:
+        return None
+    return datetime.fromtimestamp(control.begun_at, timezone.utc)
+
+
+def _job_values(spec: AnySpec, control: JobControl) -> dict[str, Any]:
+    """Job-row values a bulk store sets besides the output's."""
+    values: dict[str, Any] = {"spec_hash": spec_hash(spec)}
+    started_at = _started_at(control)
+    if started_at is not None:
+        values["started_at"] = started_at
+    return values
 
 
 def _fail_unstorable(state: ProcessState, job_id: str, exc: Exception) -> None:

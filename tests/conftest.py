@@ -49,6 +49,14 @@ def long_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def overflow_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny GPT-2 whose float16 logits overflow (NaN logprobs in float16)."""
+    from tests.tiny_models import build_gpt2_overflow
+
+    return str(build_gpt2_overflow(tmp_path_factory.mktemp("models") / "tiny-gpt2-overflow"))
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tiny_models: dict[str, Path]) -> str:
     return str(tiny_models["gpt2"])
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from functools import cache
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -164,6 +165,64 @@ def test_time_limit_stops_the_job_with_a_clear_error(lj_client: Client, long_gpt
     partial = job.result(timeout=1, allow_partial=True)
     assert 0 < len(partial.tokens) < 10_000
     assert (info["finished_at"] - info["started_at"]).total_seconds() < 3 + 3
+
+
+def test_each_job_of_a_message_has_its_own_time_limit(lj_client: Client,
+                                                     long_gpt2: str) -> None:
+    """Eight generations of ~0.6 s each in one message, 3 s each: all fit their own
+    limit, though together they take longer than one limit."""
+    from api_client.specs import make_spec
+
+    tag = uuid.uuid4().hex[:6]
+    specs = [make_spec("generate", prompt=f"Story {i} {tag}", model=long_gpt2,
+                       max_new_tokens=400) for i in range(8)]
+    jobs = lj_client.submit_many(specs, time_limit=3)
+    assert [job.wait(timeout=120) for job in jobs] == [JobStatus.SUCCEEDED] * 8
+    assert all(len(job.result(timeout=1).tokens) == 400 for job in jobs)
+    # started_at is when each job's own generation began, once the one before ended.
+    starts = [job.info()["started_at"] for job in jobs]
+    finished = jobs[-1].info()["finished_at"]
+    took = [(later - earlier).total_seconds() for earlier, later in pairwise(starts)]
+    assert all(0 < seconds < 3 for seconds in took), took
+    assert (finished - starts[0]).total_seconds() > 3  # one clock for all would have run out
+
+
+def _twins(client: Client, model: str, n_tokens: int) -> list[Any]:
+    """Two identical greedy generations in one message, once both run."""
+    from api_client.specs import make_spec
+
+    spec = make_spec("generate", prompt=f"Twins {uuid.uuid4().hex[:6]}", model=model,
+                     max_new_tokens=n_tokens)
+    twins = client.submit_many([spec, spec])
+    wait_until(lambda: (p := twins[0].progress()).done is not None and p.done >= 20, 120,
+               "the first twin to generate 20 tokens")
+    return twins
+
+
+def test_a_twin_runs_itself_when_the_first_is_cancelled(lj_client: Client,
+                                                        long_gpt2: str) -> None:
+    first, twin = _twins(lj_client, long_gpt2, 2000)
+    first.cancel()
+    assert first.wait(timeout=60) is JobStatus.CANCELLED
+    assert twin.wait(timeout=120) is JobStatus.SUCCEEDED
+    info = twin.info()
+    assert info["error"] is None and info["reused_from"] is None and not info["partial"]
+    partial = [t.token_id for t in first.result(timeout=1, allow_partial=True).tokens]
+    full = [t.token_id for t in twin.result(timeout=1).tokens]
+    assert len(full) == 2000 and 0 < len(partial) < 2000
+    assert full[:len(partial)] == partial  # greedy: the same tokens, carried to the end
+
+
+def test_a_waiting_twin_can_be_cancelled(lj_client: Client, long_gpt2: str) -> None:
+    first, twin = _twins(lj_client, long_gpt2, 1000)
+    assert twin.cancel() is JobStatus.RUNNING
+    assert twin.wait(timeout=60) is JobStatus.CANCELLED
+    assert first.wait(timeout=60) is JobStatus.SUCCEEDED
+    assert len(first.result(timeout=1).tokens) == 1000
+    info = twin.info()
+    assert info["error_type"] == "Cancelled" and info["reused_from"] is None
+    assert lj_client.sql("SELECT COUNT(*) AS n FROM tokens WHERE job_id = :id",
+                         {"id": twin.id}).iloc[0]["n"] == 0
 
 
 def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(

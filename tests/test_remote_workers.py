@@ -239,6 +239,21 @@ def test_background_worker_that_cannot_start_reports_its_log(tmp_path: Path) -> 
                      timeout=60)
 
 
+def test_background_worker_ignores_ready_lines_of_earlier_runs(tmp_path: Path) -> None:
+    from worker.background import start_worker
+
+    log = tmp_path / "w.log"
+    earlier = "[2026-11-27 00:00:00,000: INFO/MainProcess] hf@host ready.\n"
+    log.write_text(earlier)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 2") as failed:
+        start_worker(backend="hf", args=["--no-such-option"], env=subprocess_env(),
+                     log_path=log, timeout=60)
+    assert "hf@host ready." not in str(failed.value)  # only this run's log is shown
+    assert time.monotonic() - started < 60
+    assert log.read_text().startswith(earlier)  # appended to, not overwritten
+
+
 def test_broker_refusing_a_later_message_leaves_no_job_rows(password_redis: str,
                                                              tiny_gpt2: str,
                                                              tmp_path: Path) -> None:

@@ -252,6 +252,103 @@ def test_reuse_defaults_for_sampling(client, tiny_gpt2: str) -> None:
 
 # --- bulk writes ------------------------------------------------------------------------
 
+def _refuse_sequences_containing(client, marker: str) -> None:
+    """A trigger that refuses (IntegrityError, not a connection error) the sequence row
+    of any text containing ``marker``: a job result the database will not store."""
+    with client.engine.begin() as connection:
+        if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql(
+                f"CREATE TRIGGER refuse_{marker} BEFORE INSERT ON sequences "
+                f"WHEN instr(NEW.text, '{marker}') > 0 "
+                f"BEGIN SELECT RAISE(ABORT, 'refused row {marker}'); END")
+        else:
+            connection.exec_driver_sql(
+                f"CREATE FUNCTION refuse_{marker}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF strpos(NEW.text, '{marker}') > 0 THEN RAISE EXCEPTION "
+                f"'refused row {marker}' USING ERRCODE = 'check_violation'; END IF; "
+                "RETURN NEW; END $$")
+            connection.exec_driver_sql(
+                f"CREATE TRIGGER refuse_{marker} BEFORE INSERT ON sequences "
+                f"FOR EACH ROW EXECUTE FUNCTION refuse_{marker}()")
+
+
+def _row_counts(client, job_id: str) -> tuple[int, int]:
+    frame = client.sql("SELECT (SELECT COUNT(*) FROM sequences WHERE job_id = :id) AS s, "
+                       "(SELECT COUNT(*) FROM tokens WHERE job_id = :id) AS t", {"id": job_id})
+    return int(frame.iloc[0]["s"]), int(frame.iloc[0]["t"])
+
+
+def _reference_loss(path: str, text: str) -> float:
+    model, tok = reference(path)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        return float(model(ids, labels=ids).loss)
+
+
+def test_a_result_the_database_refuses_fails_that_job_and_the_rest_are_stored(
+        client, tiny_gpt2: str) -> None:
+    marker = f"refuse{uuid.uuid4().hex[:8]}"
+    _refuse_sequences_containing(client, marker)
+    texts = [f"Before it {marker[-4:]}", f"The {marker} text", f"After it {marker[-4:]}"]
+    jobs = client.score_many(texts, model=tiny_gpt2)  # one message, one bulk store
+    statuses = [job.wait(timeout=60) for job in jobs]
+    assert statuses == [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUCCEEDED]
+    refused = jobs[1].info()
+    # The driver's class: SQLAlchemy's on SQLite, psycopg's for PostgreSQL's COPY.
+    assert refused["error_type"] in {"IntegrityError", "CheckViolation"}
+    assert refused["error"].startswith("the job's result could not be stored: ")
+    assert f"refused row {marker}" in refused["error"]
+    assert _row_counts(client, jobs[1].id) == (0, 0)
+    _, tok = reference(tiny_gpt2)
+    for job, text in ((jobs[0], texts[0]), (jobs[2], texts[2])):
+        n_tokens = len(tok(text, add_special_tokens=False)["input_ids"])
+        assert _row_counts(client, job.id) == (1, n_tokens)
+        assert job.info()["loss"] == pytest.approx(_reference_loss(tiny_gpt2, text), abs=TOL)
+
+
+def test_nan_logprobs_fail_the_job_with_what_to_change(client, overflow_gpt2: str) -> None:
+    from api_client.specs import make_spec
+
+    text = f"hello world {uuid.uuid4().hex[:6]}"
+    options = {"model": overflow_gpt2, "top_logprobs": 2}
+    half, full, generated = client.submit_many([
+        make_spec("score", text=text, dtype="float16", **options),
+        make_spec("score", text=text, dtype="float32", **options),
+        make_spec("generate", prompt=text, dtype="float16", max_new_tokens=3, **options),
+    ])
+    for job in (half, generated):
+        assert job.wait(timeout=60) is JobStatus.FAILED
+        info = job.info()
+        assert info["error_type"] == "NaNLogprobs" and info["loss"] is None
+        assert "float16" in info["error"] and "bfloat16 or float32" in info["error"]
+        assert _row_counts(client, job.id) == (0, 0)
+    assert full.wait(timeout=60) is JobStatus.SUCCEEDED
+    # float32 holds these huge logits: the loss is Hugging Face's, not NaN.
+    assert full.info()["loss"] == pytest.approx(_reference_loss(overflow_gpt2, text), rel=1e-5)
+
+
+def test_only_nan_counts_as_a_broken_output() -> None:
+    from worker.output_checks import nan_logprobs_error
+
+    minus_inf = _output(4, 2, salt=0)
+    token = minus_inf.sequences[0].tokens[2]
+    tokens = list(minus_inf.sequences[0].tokens)
+    tokens[2] = TokenLogprob(position=2, token_id=token.token_id, token=token.token,
+                             logprob=float("-inf"), top_logprobs=token.top_logprobs)
+    minus_inf.sequences[0] = SequenceResult(index=0, text="x", tokens=tuple(tokens))
+    assert nan_logprobs_error(minus_inf) is None  # impossible tokens are legitimate
+    broken = _output(4, 2, salt=0)
+    token = broken.sequences[0].tokens[3]
+    tokens = list(broken.sequences[0].tokens)
+    tokens[3] = TokenLogprob(position=3, token_id=token.token_id, token=token.token,
+                             logprob=-1.0, top_logprobs=(
+                                 token.top_logprobs[0],
+                                 Alternative(token_id=9, token="x", logprob=float("nan"))))
+    broken.sequences[0] = SequenceResult(index=0, text="x", tokens=tuple(tokens))
+    error = nan_logprobs_error(broken)
+    assert error is not None and "position 3" in str(error)
+    assert "dtype=float32" in str(error)
+
 def _output(n_tokens: int, top_k: int, salt: int) -> ProbeOutput:
     tokens = tuple(
         TokenLogprob(position=i, token_id=salt + i, token=f"tok'\t\\{i}\n\x00",

@@ -42,6 +42,21 @@ def build_gpt2(path: Path, seed: int = 0, n_positions: int = 128) -> Path:
     return path
 
 
+def build_gpt2_overflow(path: Path, seed: int = 0) -> Path:
+    """A tiny GPT-2 whose logits overflow float16 (NaN logprobs there; finite, if huge,
+    in float32): embeddings x100 and a final layer norm scaled by 60,000."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    build_gpt2(path, seed)
+    model = GPT2LMHeadModel.from_pretrained(path)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(100)
+        model.transformer.ln_f.weight.fill_(60_000)
+    model.save_pretrained(path)
+    return path
+
+
 def build_llama(path: Path, seed: int = 0, max_positions: int = 128) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

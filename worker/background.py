@@ -37,10 +37,14 @@ _READY_MARK = " ready."
 class WorkerHandle:
     """A background worker process: ``alive``, ``log_tail()``, ``stop()``."""
 
-    def __init__(self, process: subprocess.Popen[bytes], log_path: Path, argv: list[str]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path, argv: list[str],
+                 log_offset: int = 0) -> None:
         self.process = process
         self.log_path = log_path
         self.argv = argv
+        #: Where this worker's output starts in ``log_path`` (a log appended to keeps
+        #: the lines of earlier runs before it).
+        self.log_offset = log_offset
 
     def __repr__(self) -> str:
         state = "running" if self.alive else f"exited ({self.process.returncode})"
@@ -61,7 +65,15 @@ class WorkerHandle:
         return self.process.poll() is None
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """What this worker wrote to its log (earlier runs' lines left out)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(0, os.SEEK_END)
+                # A log truncated since the start (rotated) is read from its beginning.
+                log.seek(self.log_offset if log.tell() >= self.log_offset else 0)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
@@ -120,7 +132,8 @@ def start_worker(
     ``LOGPROBE_DATABASE_URL`` (they reach the worker through its environment, never
     its command line, so ``ps`` does not show passwords). ``args`` are further
     ``logprobe worker`` options (``["--max-models", "2"]``). With ``wait`` (default),
-    returns once the worker is ready to take jobs.
+    returns once the worker is ready to take jobs. An existing ``log_path`` is
+    appended to; readiness and ``log_tail()`` look only at what this worker wrote.
     """
     argv = [sys.executable, "-m", "worker", "--backend", backend]
     if gpu is not None:
@@ -146,10 +159,11 @@ def start_worker(
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
+        log_offset = log.seek(0, os.SEEK_END)  # " ready." of an earlier run is not ours
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=child_env,
                                    start_new_session=True)
-    handle = WorkerHandle(process, log_path, argv)
+    handle = WorkerHandle(process, log_path, argv, log_offset)
     atexit.register(handle.stop)
     if wait:
         try:

@@ -47,6 +47,8 @@ class JobControl:
                  worker: str = "", attempt: int | None = None) -> None:
         self.job_id = job_id
         self.time_limit = time_limit
+        # The limit counts from the job's own start (begin): the jobs of a message run
+        # one after another. Until then, from the claim, so a job is always bounded.
         self.deadline = time.monotonic() + time_limit
         self.redis = redis
         self.worker = worker
@@ -63,9 +65,13 @@ class JobControl:
     # --- called by backends (cheap: no I/O) -----------------------------------------
 
     def begin(self, total: int, unit: str = "tokens") -> None:
-        """The job's work is ``total`` units (tokens to score or to generate)."""
+        """The job's work is ``total`` units (tokens to score or to generate).
+
+        The first call starts the job's clock: its time limit counts from here."""
         self.total, self.unit, self.done = total, unit, 0
-        self.begun_at = time.time()
+        if self.begun_at is None:
+            self.begun_at = time.time()
+            self.deadline = time.monotonic() + self.time_limit
 
     def advance(self, done: int) -> None:
         self.done = done
@@ -84,6 +90,11 @@ class JobControl:
         return False
 
     # --- used by the runner ----------------------------------------------------------
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the monitor saw the job's cancel flag (also for a job not computing)."""
+        return self._cancel.is_set()
 
     def report_into(self, pipe: Any, final: bool = False) -> None:
         """Queue this job's progress hash (the heartbeat) on a Redis pipeline."""

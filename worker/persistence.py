@@ -38,11 +38,13 @@ def _now() -> datetime:
 
 def store_output(session: Session, job_id: str, output: ProbeOutput, *,
                  status: JobStatus = JobStatus.SUCCEEDED, partial: bool = False,
-                 error: str | None = None, error_type: str | None = None) -> bool:
+                 error: str | None = None, error_type: str | None = None,
+                 started_at: datetime | None = None) -> bool:
     """Store a finished job's rows and mark it succeeded, in one transaction.
 
     A job stopped early (cancelled, or past its time limit) stores the rows it has
     with ``partial=True`` and ``status`` CANCELLED or FAILED and an ``error``.
+    ``started_at``, if given, replaces the claim time: when the job's own compute began.
     Returns False (and writes nothing) if the job is no longer running, e.g. it
     was cancelled meanwhile or another attempt already stored it.
     """
@@ -69,6 +71,8 @@ def store_output(session: Session, job_id: str, output: ProbeOutput, *,
             "finished_at": _now(),
             **output.provenance,
         }
+        if started_at is not None:
+            values["started_at"] = started_at
         session.execute(update(Job).where(Job.id == job_id).values(**values))
     return True
 

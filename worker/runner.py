@@ -11,6 +11,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,14 +37,18 @@ from .control import (
     live_state,
     monitoring,
 )
-from .db_retry import with_db_retry
+from .db_retry import DatabaseUnavailable, with_db_retry
 from .failures import cancel_message, describe_failure, release_memory, time_limit_message
+from .output_checks import nan_logprobs_error
 from .persistence import store_cancelled, store_failure, store_output
 from .result_reuse import copy_results, find_sources
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: A claimed job: its id, its spec and its control (time limit, cancel flag, progress).
+ClaimedJob = tuple[str, AnySpec, JobControl]
 
 
 class ProcessState:
@@ -114,6 +119,7 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
     """Store one job's outcome: its rows, its partial rows, or its error."""
     if not isinstance(output, Exception) and output.logits is not None:
         output = write_logits(output, job_id, state.artifacts)
+    started_at = _started_at(control)
     if isinstance(output, Exception):
         error_type, message = describe_failure(output, control)
         log.info("job %s failed: %s", job_id, message)
@@ -121,22 +127,23 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
         output.__traceback__ = None
         if error_type == "OutOfMemory":
             release_memory()
+        began = {"started_at": started_at} if started_at is not None else None
         _store(state, f"store the failure of job {job_id}",
-               lambda s: store_failure(s, job_id, message, error_type=error_type))
+               lambda s: store_failure(s, job_id, message, began, error_type=error_type))
     elif control.stop_reason == CANCELLED:
         _store(state, f"store cancelled job {job_id}",
                lambda s: store_output(s, job_id, output, status=JobStatus.CANCELLED,
                                       partial=True, error=cancel_message(control),
-                                      error_type="Cancelled"))
+                                      error_type="Cancelled", started_at=started_at))
     elif control.stop_reason == TIME_LIMIT:
         _store(state, f"store timed-out job {job_id}",
                lambda s: store_output(s, job_id, output, status=JobStatus.FAILED,
                                       partial=True,
                                       error=time_limit_message(control.time_limit, control),
-                                      error_type="TimeLimitExceeded"))
+                                      error_type="TimeLimitExceeded", started_at=started_at))
     else:
         _store(state, f"store the result of job {job_id}",
-               lambda s: store_output(s, job_id, output))
+               lambda s: store_output(s, job_id, output, started_at=started_at))
 
 
 def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
@@ -161,7 +168,7 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
     for item in candidates:
         if item["id"] not in runnable:
             log.info("job %s is finished or given up; skipping", item["id"])
-    claimed: dict[str, list[tuple[str, AnySpec, JobControl]]] = defaultdict(list)
+    claimed: dict[str, list[ClaimedJob]] = defaultdict(list)
     for item in candidates:
         job_id = item["id"]
         if job_id not in runnable:
@@ -183,43 +190,96 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
         claimed[spec.backend].append((job_id, spec, control))
 
     for backend_name, jobs in claimed.items():
-        outputs: list[ProbeOutput | Exception]
-        duplicates: dict[str, str] = {}
+        twins: dict[str, str] = {}
         try:
             backend = get_backend(backend_name, **state.backend_options(backend_name))
-            jobs, duplicates = _reuse(state, backend, jobs)
+            jobs, twins = _reuse(state, backend, jobs)
         except Exception:  # reuse is an optimisation: on any trouble, just run the jobs
             log.exception("result reuse failed; running the jobs")
-        with monitoring([(spec, control) for _, spec, control in jobs]):
-            try:
-                backend = get_backend(backend_name, **state.backend_options(backend_name))
-                outputs = backend.run([spec for _, spec, _ in jobs])
-            except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
-                log.exception("backend %s failed", backend_name)
-                outputs = [exc] * len(jobs)
-        returned = time.monotonic()
-        # Plain successes in one bulk transaction; failures, stopped and logits jobs alone.
-        plain = [(job_id, output) for (job_id, _, control), output in zip(jobs, outputs,
-                                                                          strict=True)
-                 if not isinstance(output, Exception) and control.stop_reason is None
-                 and output.logits is None and not output.artifacts]
-        stored = _store_batch(state, plain,
-                              {job_id: {"spec_hash": spec_hash(spec)} for job_id, spec, _ in jobs})
-        for (job_id, _, control), output in zip(jobs, outputs, strict=True):
-            if job_id in stored:
-                continue
+        waiting = [job for job in claimed[backend_name] if job[0] in twins]
+        while jobs:  # a twin whose first did not succeed runs in the next round
+            _run_and_store(state, backend_name, jobs, waiting)
+            jobs, waiting, twins = _settle_twins(state, waiting, twins)
+
+
+def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob],
+                   waiting: list[ClaimedJob]) -> None:
+    """Run ``jobs`` on their backend and store every outcome. The cancel flags of the
+    ``waiting`` twins are watched meanwhile (and their heartbeats written)."""
+    outputs: list[ProbeOutput | Exception]
+    with monitoring([(spec, control) for _, spec, control in (*jobs, *waiting)]):
+        try:
+            backend = get_backend(backend_name, **state.backend_options(backend_name))
+            outputs = backend.run([spec for _, spec, _ in jobs])
+        except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
+            log.exception("backend %s failed", backend_name)
+            outputs = [exc] * len(jobs)
+    returned = time.monotonic()
+    outputs = [_refuse_nan(output) for output in outputs]
+    # Plain successes in one bulk transaction; failures, stopped and logits jobs alone.
+    plain = [(job_id, output) for (job_id, _, control), output in zip(jobs, outputs,
+                                                                      strict=True)
+             if not isinstance(output, Exception) and control.stop_reason is None
+             and output.logits is None and not output.artifacts]
+    stored = _store_batch(state, plain, {job_id: _job_values(spec, control)
+                                         for job_id, spec, control in jobs})
+    for (job_id, _, control), output in zip(jobs, outputs, strict=True):
+        if job_id in stored:
+            continue
+        try:
             _finish(state, job_id, output, control)
-            if control.stopped_at is not None:
-                log.info("job %s stopped (%s) at %d/%s %s; results ready %.0f ms and stored "
-                         "%.0f ms later", job_id, control.stop_reason, control.done,
-                         control.total, control.unit, 1000 * (returned - control.stopped_at),
-                         1000 * (time.monotonic() - control.stopped_at))
-        if duplicates:
-            _finish_duplicates(state, duplicates)
+        except DatabaseUnavailable:
+            raise  # the message goes back to the queue (see tasks.run_probes)
+        except Exception as exc:  # the database refused this job's outcome
+            _fail_unstorable(state, job_id, exc)
+            continue
+        if control.stopped_at is not None:
+            log.info("job %s stopped (%s) at %d/%s %s; results ready %.0f ms and stored "
+                     "%.0f ms later", job_id, control.stop_reason, control.done,
+                     control.total, control.unit, 1000 * (returned - control.stopped_at),
+                     1000 * (time.monotonic() - control.stopped_at))
 
 
-def _reuse(state: ProcessState, backend: Backend, jobs: list[tuple[str, AnySpec, JobControl]]
-           ) -> tuple[list[tuple[str, AnySpec, JobControl]], dict[str, str]]:
+def _refuse_nan(output: ProbeOutput | Exception) -> ProbeOutput | Exception:
+    if isinstance(output, Exception):
+        return output
+    return nan_logprobs_error(output) or output
+
+
+def _started_at(control: JobControl) -> datetime | None:
+    """When the job's own compute began (None: it never began)."""
+    if control.begun_at is None:
+        return None
+    return datetime.fromtimestamp(control.begun_at, timezone.utc)
+
+
+def _job_values(spec: AnySpec, control: JobControl) -> dict[str, Any]:
+    """Job-row values a bulk store sets besides the output's."""
+    values: dict[str, Any] = {"spec_hash": spec_hash(spec)}
+    started_at = _started_at(control)
+    if started_at is not None:
+        values["started_at"] = started_at
+    return values
+
+
+def _fail_unstorable(state: ProcessState, job_id: str, exc: Exception) -> None:
+    """Fail a job whose outcome the database refused (a constraint, a value it cannot
+    hold), in a fresh session, with the database's reason."""
+    log.exception("job %s: its outcome could not be stored; failing it", job_id)
+    reason = getattr(exc, "orig", None) or exc
+    first_line = (str(reason).strip().splitlines() or [type(exc).__name__])[0][:500]
+    message = f"the job's result could not be stored: {first_line}"
+    try:
+        _store(state, f"fail job {job_id}", lambda s: store_failure(
+            s, job_id, message, error_type=type(exc).__name__))
+    except DatabaseUnavailable:
+        raise
+    except Exception:
+        log.exception("job %s: not even its failure could be stored", job_id)
+
+
+def _reuse(state: ProcessState, backend: Backend, jobs: list[ClaimedJob]
+           ) -> tuple[list[ClaimedJob], dict[str, str]]:
     """Answer jobs identical to finished ones from SQL; of identical jobs within this
     batch keep the first. Returns the jobs left to run and ``{duplicate: first}``."""
     candidates = [(job_id, spec) for job_id, spec, _ in jobs
@@ -267,16 +327,44 @@ def _identities(backend: Backend,
     return result
 
 
-def _finish_duplicates(state: ProcessState, duplicates: dict[str, str]) -> None:
-    """Give each in-batch duplicate its first twin's rows (or its failure)."""
-    copied = set(_with_session(state, "copy results to identical jobs",
-                               lambda s: copy_results(s, duplicates)))
-    for job_id, source in duplicates.items():
-        if job_id not in copied:
-            _store(state, f"fail duplicate job {job_id}",
-                   lambda s, job_id=job_id, source=source: store_failure(
-                       s, job_id, f"an identical job in the same batch ({source}) did not "
-                       "succeed; see its error"))
+def _settle_twins(state: ProcessState, waiting: list[ClaimedJob], twins: dict[str, str]
+                  ) -> tuple[list[ClaimedJob], list[ClaimedJob], dict[str, str]]:
+    """After a round: end the waiting twins that were cancelled, give the others their
+    first twin's rows where it succeeded. Those whose first did not succeed (cancelled,
+    out of time, failed) are run themselves: returns the jobs of the next round, the
+    twins that wait on them, and ``{twin: first}`` for those."""
+    for job_id, _, control in waiting:
+        if control.cancel_requested:
+            _store(state, f"cancel job {job_id}", lambda s, job_id=job_id: store_cancelled(
+                s, job_id, "cancelled before it started (it was waiting for an identical "
+                "job of its message)"))
+    sources = {job_id: twins[job_id] for job_id, _, control in waiting
+               if not control.cancel_requested}
+    copied: set[str] = set()
+    if sources:
+        try:
+            copied = set(_with_session(state, "copy results to identical jobs",
+                                       lambda s: copy_results(s, sources)))
+        except DatabaseUnavailable:
+            raise
+        except Exception:  # then the twins run themselves
+            log.exception("copying results to identical jobs failed")
+    run: list[ClaimedJob] = []
+    replaced: dict[str, str] = {}  # first twin that did not succeed -> its stand-in
+    next_twins: dict[str, str] = {}
+    for job in waiting:
+        job_id = job[0]
+        if job_id not in sources or job_id in copied:
+            continue
+        source = sources[job_id]
+        if source in replaced:
+            next_twins[job_id] = replaced[source]
+        else:
+            log.info("job %s: its identical job %s did not succeed; running it", job_id,
+                     source)
+            replaced[source] = job_id
+            run.append(job)
+    return run, [job for job in waiting if job[0] in next_twins], next_twins
 
 
 def _store_batch(state: ProcessState, done: list[tuple[str, ProbeOutput]],

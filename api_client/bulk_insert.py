@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Enum, Table, insert
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 
@@ -29,6 +30,9 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
     On PostgreSQL (psycopg 3) one ``COPY``: values of enum and JSON columns are
     converted first (:func:`driver_value_processors`); psycopg dumps the others as
     they are. Columns left out take their server defaults. Elsewhere one executemany.
+    Errors are SQLAlchemy's either way (``COPY`` runs on the driver's connection, so
+    its errors are wrapped here): a dropped connection is an ``OperationalError``
+    that the worker retries, a refused row an ``IntegrityError``.
     """
     if not rows:
         return
@@ -43,8 +47,16 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
                     for row in rows]
         raw = connection.connection.driver_connection
         statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
-        with raw.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
-            for row in rows:
-                copy.write_row(row)
+        driver_error = dialect.loaded_dbapi.Error
+        try:
+            with raw.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
+                for row in rows:
+                    copy.write_row(row)
+        except driver_error as exc:
+            lost = dialect.is_disconnect(exc, raw, None)
+            if lost:  # as SQLAlchemy does for its own statements: the pool drops it
+                connection.invalidate(exc)
+            raise DBAPIError.instance(statement, None, exc, driver_error, dialect=dialect,
+                                      connection_invalidated=lost) from exc
         return
     connection.execute(insert(model), [dict(zip(columns, row, strict=True)) for row in rows])

@@ -15,6 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,52 @@ def test_redis_restart_mid_run_loses_and_duplicates_nothing(pg_url: str, long_gp
     finally:
         worker.stop()
         server.stop()
+
+
+def test_a_connection_lost_during_copy_is_a_retried_database_error(pg_url: str) -> None:
+    """Rows go into PostgreSQL by ``COPY`` on the driver's connection; losing that
+    connection mid-write is an ``OperationalError`` like any other statement's, so the
+    worker's retry loop waits for the database instead of failing the job."""
+    import threading
+
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from api_client.bulk_insert import insert_rows
+    from api_client.database import make_engine, make_sessionmaker
+    from api_client.schema import Job
+    from worker.db_retry import with_db_retry
+
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    engine = make_engine(url.set(port=proxy.port).render_as_string(hide_password=False))
+    sessions = make_sessionmaker(engine)
+    columns = ("id", "kind", "backend", "model", "status", "spec", "queue", "created_at")
+
+    def row(n: int) -> tuple:
+        return (f"{n:032x}", "score", "hf", "m", JobStatus.QUEUED, {"kind": "score"}, "q",
+                datetime.now(timezone.utc))
+
+    try:
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
+            proxy.stop()  # the session's connection is gone before its COPY
+            with pytest.raises(OperationalError) as info:
+                insert_rows(session, Job, columns, [row(1)])
+            assert info.value.connection_invalidated
+
+        restarted = threading.Timer(1.0, proxy.start)
+        restarted.start()
+
+        def write() -> None:
+            with sessions() as session, session.begin():
+                insert_rows(session, Job, columns, [row(2), row(3)])
+
+        with_db_retry(write, "write two job rows", window=30)
+        restarted.join()
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT COUNT(*) FROM jobs")).scalar_one() == 2
+    finally:
+        proxy.stop()
+        engine.dispose()

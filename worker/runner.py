@@ -370,12 +370,16 @@ def _settle_twins(state: ProcessState, waiting: list[ClaimedJob], twins: dict[st
 def _store_batch(state: ProcessState, done: list[tuple[str, ProbeOutput]],
                  extra: dict[str, dict[str, Any]]) -> set[str]:
     """Store a batch of plain successes in one transaction; returns the ids it handled.
-    If the batch fails, returns none of them: each is then stored alone by ``_finish``."""
+    If the batch fails, returns none of them: each is then stored alone by ``_finish``.
+    A database that stayed unreachable for the whole retry window is not tried again
+    job by job (a window each): the message goes back to the queue at once."""
     if not done:
         return set()
     try:
         _with_session(state, f"store a batch of {len(done)} results",
                       lambda s: store_outputs(s, done, extra))
+    except DatabaseUnavailable:
+        raise
     except Exception:
         log.exception("storing a batch of %d failed; storing job by job", len(done))
         return set()

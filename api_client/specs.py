@@ -76,7 +76,8 @@ class _ProbeBase(BaseModel):
     revision: str | None = Field(
         default=None, min_length=1, description="hub branch, tag or commit to load"
     )
-    dtype: DType | None = Field(default=None, description="weights dtype; None = float32 (hf)")
+    dtype: DType | None = Field(default=None, description="weights dtype; float32 when "
+                                "left out (hf); None on openai")
     device: str | None = Field(
         default=None,
         pattern=r"^(cpu|mps|cuda(:\d+)?)$",
@@ -97,6 +98,21 @@ class _ProbeBase(BaseModel):
         description="answer from an identical finished job's rows instead of recomputing; "
         "None = yes for score, greedy and seeded probes, no for unseeded sampling",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def fill_backend_defaults(cls, data: Any) -> Any:
+        """Spell out what an unset option means on its backend (hf: float32 weights;
+        openai: the completions endpoint), so a probe that names the default and one
+        that leaves it out are the same spec: one ``config_hash``, one ``spec_hash``."""
+        if not isinstance(data, dict):
+            return data
+        backend = data.get("backend") or "hf"
+        if backend == "hf" and data.get("dtype") is None:
+            return {**data, "dtype": "float32"}
+        if backend == "openai" and data.get("openai_api") is None:
+            return {**data, "openai_api": "completions"}
+        return data
 
     @field_validator("model")
     @classmethod
@@ -272,6 +288,20 @@ class GenerateSpec(_ProbeBase):
     logits_last_n: int | None = Field(default=None, ge=1,
                                       description="store only the last N steps' logits")
     logits_dtype: LogitsDType = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def fill_sampling_defaults(cls, data: Any) -> Any:
+        """Sampling with temperature and top_p left out is temperature 1.0 (and, on hf,
+        top_p 1.0): spelled out, so naming those defaults gives the same spec."""
+        if not isinstance(data, dict) or not data.get("do_sample"):
+            return data
+        filled = {**data}
+        if filled.get("temperature") is None:
+            filled["temperature"] = 1.0
+        if (filled.get("backend") or "hf") == "hf" and filled.get("top_p") is None:
+            filled["top_p"] = 1.0
+        return filled
 
     @model_validator(mode="after")
     def check_one_prompt(self) -> GenerateSpec:

@@ -26,10 +26,10 @@ def test_upgrade_head_matches_models(database_url: str) -> None:
     assert {"jobs", "sequences", "tokens", "top_logprobs", "alembic_version"} <= tables
 
 
-def test_0008_rehashes_configurations_without_reuse(database_url: str) -> None:
-    """Jobs hashed before 0008 (with ``reuse`` in the configuration) get the hash the
-    client computes now, so old and new runs of one probe share a report row; the
-    downgrade restores the old hashes."""
+def test_0008_rehashes_jobs_as_the_client_hashes_them(database_url: str) -> None:
+    """A job stored before 0008 (``reuse`` in its configuration, ``dtype`` left null)
+    gets the hashes the client computes now for the same probe, so old and new runs
+    share a report row and old results are reused; the downgrade restores the old."""
     import hashlib
     import json
 
@@ -38,32 +38,39 @@ def test_0008_rehashes_configurations_without_reuse(database_url: str) -> None:
 
     from api_client.database import alembic_config, upgrade_schema
     from api_client.determinism import config_hash
+    from api_client.reuse import spec_hash
     from api_client.specs import make_spec
 
     spec = make_spec("score", text="Finn writes code", model="gpt2", reuse=False)
-    data = spec.model_dump(mode="json")
-    old = hashlib.sha256(json.dumps(
-        {k: v for k, v in data.items() if k not in ("seed", "device")}, sort_keys=True,
-        separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
-    assert old != config_hash(spec)
+    stored = {**spec.model_dump(mode="json"), "dtype": None}  # as the old client wrote it
+
+    def digest(leave_out: tuple[str, ...]) -> str:
+        data = {k: v for k, v in stored.items() if k not in leave_out}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"),
+                                         ensure_ascii=False).encode()).hexdigest()
+
+    old = (digest(("seed", "device")), digest(("reuse",)))
+    assert old[0] != config_hash(spec) and old[1] != spec_hash(spec)
     command.downgrade(alembic_config(database_url), "0007")
     engine = make_engine(database_url)
     try:
         with engine.begin() as connection:
             connection.execute(text(
                 "INSERT INTO jobs (id, kind, backend, model, status, spec, queue, config_hash, "
-                "attempts, created_at, partial) VALUES ('a' || :n, 'score', 'hf', 'gpt2', "
-                "'succeeded', :spec, 'q', :hash, 1, CURRENT_TIMESTAMP, false)"),
-                [{"n": "1" * 31, "spec": json.dumps(data), "hash": old}])
+                "spec_hash, attempts, created_at, partial) VALUES (:id, 'score', 'hf', 'gpt2', "
+                "'succeeded', :spec, 'q', :config, :spec_hash, 1, CURRENT_TIMESTAMP, false)"),
+                [{"id": "a" * 32, "spec": json.dumps(stored), "config": old[0],
+                  "spec_hash": old[1]}])
 
-        def stored() -> str:
+        def hashes() -> tuple[str, str]:
             with engine.connect() as connection:
-                return connection.execute(text("SELECT config_hash FROM jobs")).scalar_one()
+                row = connection.execute(text("SELECT config_hash, spec_hash FROM jobs")).one()
+            return row[0], row[1]
 
         upgrade_schema(database_url, "head")
-        assert stored() == config_hash(spec)
+        assert hashes() == (config_hash(spec), spec_hash(spec))
         command.downgrade(alembic_config(database_url), "0007")
-        assert stored() == old
+        assert hashes() == old
     finally:
         engine.dispose()
         upgrade_schema(database_url, "head")

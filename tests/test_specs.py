@@ -102,3 +102,27 @@ def test_model_directories_are_stored_absolute(tmp_path, monkeypatch) -> None:
     assert make_spec("score", model="~/models/tiny", text="a").model == \
         str(tmp_path / "models" / "tiny")
     assert make_spec("score", model="gpt2", text="a").model == "gpt2"
+
+
+def test_naming_a_default_is_the_same_probe() -> None:
+    from api_client.determinism import config_hash
+    from api_client.reuse import spec_hash
+
+    pairs = [
+        (dict(kind="score", text="a b", model="gpt2"),
+         dict(kind="score", text="a b", model="gpt2", dtype="float32")),
+        (dict(kind="generate", prompt="a", model="gpt2", do_sample=True, seed=1),
+         dict(kind="generate", prompt="a", model="gpt2", do_sample=True, seed=1,
+              temperature=1.0, top_p=1.0)),
+        (dict(kind="generate", prompt="a", model="davinci-002", backend="openai"),
+         dict(kind="generate", prompt="a", model="davinci-002", backend="openai",
+              openai_api="completions")),
+    ]
+    for implicit, explicit in pairs:
+        a, b = make_spec(**implicit), make_spec(**explicit)
+        assert a == b and config_hash(a) == config_hash(b) and spec_hash(a) == spec_hash(b)
+    assert make_spec("score", text="a b", model="gpt2").dtype == "float32"
+    assert make_spec("generate", prompt="a", model="gpt2").temperature is None  # greedy
+    assert make_spec("score", text="a b", model="gpt2", dtype="bfloat16").dtype == "bfloat16"
+    openai = make_spec("generate", prompt="a", model="m", backend="openai", do_sample=True)
+    assert (openai.dtype, openai.temperature, openai.top_p) == (None, 1.0, None)

@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="give a job up after its worker died this many times")
     parser.add_argument("--deterministic", action="store_true",
                         help="torch deterministic algorithms, no TF32, fixed cuBLAS workspace")
-    parser.add_argument("--hostname", "-n", help="worker name (default: <backend>@<host>)")
+    parser.add_argument("--hostname", "-n",
+                        help="worker name (default: <backend>[-gpuN]-<pid>@<host>)")
     parser.add_argument("--loglevel", "-l", default="info")
     return parser.parse_args(argv)
 

@@ -8,7 +8,10 @@ Its "model" is a deterministic function of the request: the same prompt, seed
 and temperature give the same tokens and logprobs.
 
 On demand it answers with faults (:meth:`FakeOpenAI.inject`: 429 with
-``retry-after``, 500, ...), and refuses ``echo`` + ``logprobs`` for the models in
+``retry-after``, 500, ...), takes time like a model that generates
+(``latency_s`` per request plus ``latency_per_token_s`` per requested token),
+leaves out legacy ``text_offset`` (``text_offsets = False``: it is optional in
+openai's ``Logprobs`` type), and refuses ``echo`` + ``logprobs`` for the models in
 ``echo_refusing_models`` with the API's 400 ``invalid_parameter_combination``.
 Every request is recorded with its arrival time, body, ``Authorization`` header,
 status and response body, so tests compare stored rows with what was sent.
@@ -102,10 +105,16 @@ class FakeOpenAI:
     """The server; use as a context manager or call :meth:`start` / :meth:`stop`."""
 
     def __init__(self, *, fingerprint: str | None = "fp_fake_1", latency_s: float = 0.0,
+                 latency_per_token_s: float = 0.0,
                  echo_refusing_models: tuple[str, ...] = ("gpt-3.5-turbo-instruct",),
                  port: int = 0) -> None:
         self.model = FakeModel(fingerprint)
         self.latency_s = latency_s
+        #: Extra time per requested token (``max_tokens``): a long generation sends
+        #: nothing until it is done, as the non-streamed API does.
+        self.latency_per_token_s = latency_per_token_s
+        #: Legacy logprobs carry ``text_offset`` (False: null, as some servers send).
+        self.text_offsets = True
         self.echo_refusing_models = set(echo_refusing_models)
         self.requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
@@ -206,7 +215,7 @@ class FakeOpenAI:
             text = (prompt_text if echo else "") + "".join(t for t, _ in generated)
             logprobs = None if k is None else {
                 "tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
-                "text_offset": offsets,
+                "text_offset": offsets if self.text_offsets else None,
             }
             choices.append({"text": text, "index": index, "logprobs": logprobs,
                             "finish_reason": "length"})
@@ -294,8 +303,10 @@ class FakeOpenAI:
                                          self.headers.get("Authorization"))
                 with server._lock:
                     server.requests.append(record)
-                if server.latency_s:
-                    time.sleep(server.latency_s)
+                delay = server.latency_s + server.latency_per_token_s * int(
+                    body.get("max_tokens") or 0)
+                if delay:
+                    time.sleep(delay)
                 status, payload, headers = server.respond(self.path, body)
                 data = json.dumps(payload).encode()
                 record.status, record.response = status, payload
@@ -304,8 +315,11 @@ class FakeOpenAI:
                 self.send_header("Content-Length", str(len(data)))
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client timed out and hung up: nothing to send to
+                    self.close_connection = True
                 record.done = time.time()
 
         return Handler

@@ -168,6 +168,26 @@ def test_echo_score_keeps_prompt_tokens_null_first_and_mean_loss() -> None:
     assert out.provenance["request_params"]["echo"] is True
 
 
+def test_echo_score_without_text_offset_counts_prompt_tokens_from_usage() -> None:
+    # text_offset is Optional in openai's Logprobs; with max_tokens=1 the generated
+    # token ("!") must stay out of the rows and the loss.
+    spec = make_spec("score", text="Hello big world", model="davinci-002", backend="openai")
+    request = build_request(spec, score_max_tokens=1)
+    response = json.loads(json.dumps(ECHO_RESPONSE))
+    response["choices"][0]["logprobs"]["text_offset"] = None
+    out = parse_response(response, spec, request, encoding=None)
+    assert [t.token for t in out.sequences[0].tokens] == ["Hello", " big", " world"]
+    assert (out.num_scored_tokens, out.loss) == (2, pytest.approx(5.53 / 2))
+
+    del response["usage"]["prompt_tokens"]  # then all tokens but the completion's
+    out = parse_response(response, spec, request, encoding=None)
+    assert [t.token for t in out.sequences[0].tokens] == ["Hello", " big", " world"]
+
+    del response["usage"]  # no way to tell: refuse rather than score "!"
+    with pytest.raises(BackendError, match="LOGPROBE_OPENAI_SCORE_MAX_TOKENS=0"):
+        parse_response(response, spec, request, encoding=None)
+
+
 def test_echo_score_with_token_ids_stores_the_given_ids() -> None:
     spec = make_spec("score", token_ids=[15496, 1263, 995], model="davinci-002",
                      backend="openai")

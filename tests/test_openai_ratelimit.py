@@ -10,7 +10,12 @@ import pytest
 import redis as redis_lib
 
 from tests.helpers import max_in_rolling_window
-from worker.ratelimit import GlobalRateLimiter, RateLimits, RateLimitTooSmall
+from worker.ratelimit import (
+    AdmissionAbandoned,
+    GlobalRateLimiter,
+    RateLimits,
+    RateLimitTooSmall,
+)
 
 
 @pytest.fixture
@@ -74,3 +79,19 @@ def test_pause_stops_everyone_and_never_shortens(redis) -> None:
     start = time.monotonic()
     other_worker.acquire()
     assert time.monotonic() - start >= 0.4
+
+
+def test_a_waiter_that_stops_waiting_records_no_request(redis) -> None:
+    limit = limiter(redis, requests_per_window=1, window_s=60)
+    limit.acquire()
+    asked: list[float] = []
+
+    def stop_after_first(seconds: float) -> bool:  # as a cancelled job's control.wait
+        asked.append(seconds)
+        return True
+
+    start = time.monotonic()
+    with pytest.raises(AdmissionAbandoned):
+        limit.acquire(sleep=stop_after_first)
+    assert time.monotonic() - start < 1.0 and len(asked) == 1 and asked[0] > 1.0
+    assert redis.zcard(limit.requests_key) == 1  # only the first request

@@ -40,6 +40,17 @@ CANCELLED = "cancelled"
 TIME_LIMIT = "time_limit"
 
 
+class JobStopped(Exception):
+    """A backend ended its job before the job had anything to store, because it was
+    cancelled or ran out of time (the control's ``stop_reason``): ``when`` says at what
+    point ("before its OpenAI request was sent"). The runner stores such a job without
+    rows, as cancelled or as failed with ``TimeLimitExceeded``."""
+
+    def __init__(self, when: str) -> None:
+        super().__init__(when)
+        self.when = when
+
+
 class JobControl:
     """What a backend may ask about, and report on, the job it is running."""
 
@@ -75,6 +86,17 @@ class JobControl:
 
     def advance(self, done: int) -> None:
         self.done = done
+
+    def remaining(self) -> float:
+        """Seconds left before the time limit (negative once it has passed)."""
+        return self.deadline - time.monotonic()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking as soon as the job is cancelled (the monitor
+        sets the flag within one poll) or reaches its time limit; returns
+        :meth:`should_stop`. For backends that wait between calls (retries, rate limits)."""
+        self._cancel.wait(max(0.0, min(seconds, self.remaining())))
+        return self.should_stop()
 
     def should_stop(self) -> bool:
         """True once the job was cancelled or ran past its time limit (sets stop_reason)."""

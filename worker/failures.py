@@ -43,10 +43,17 @@ def _progress(control: JobControl | None) -> str:
     return f" after {control.done} of {control.total} {control.unit}"
 
 
-def time_limit_message(limit: float, control: JobControl | None = None) -> str:
+def time_limit_message(limit: float, control: JobControl | None = None, *,
+                       when: str | None = None) -> str:
+    """The error of a job past its limit; ``when`` for one stopped with nothing to store
+    (``JobStopped.when``, e.g. "while its OpenAI request was unanswered")."""
+    if when is None:
+        what = (f"{_progress(control)} and was stopped; what it had computed is stored "
+                "with partial=true")
+    else:
+        what = f" {when} and was stopped; nothing was stored"
     return (
-        f"the job ran past its time limit of {limit:g} s{_progress(control)} and was stopped; "
-        "what it had computed is stored with partial=true. Submit it with a larger "
+        f"the job ran past its time limit of {limit:g} s{what}. Submit it with a larger "
         "time_limit (it must stay below the broker's visibility timeout, "
         "LOGPROBE_VISIBILITY_TIMEOUT) or make the job smaller"
     )

@@ -95,13 +95,16 @@ def store_failure(session: Session, job_id: str, error: BaseException | str,
         )
 
 
-def store_cancelled(session: Session, job_id: str, message: str) -> bool:
-    """Mark an unfinished job cancelled without results (it was stopped before it ran)."""
+def store_cancelled(session: Session, job_id: str, message: str, *,
+                    started_at: datetime | None = None) -> bool:
+    """Mark an unfinished job cancelled without results (it was stopped before it
+    computed anything); ``started_at``, if given, is when it began."""
+    began = {"started_at": started_at} if started_at is not None else {}
     with session.begin():
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
             .values(status=JobStatus.CANCELLED, error=message, error_type="Cancelled",
-                    partial=False, finished_at=_now())
+                    partial=False, finished_at=_now(), **began)
         )
     return bool(result.rowcount)

@@ -30,6 +30,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,11 @@ return tostring(current)
 """
 
 
+class AdmissionAbandoned(Exception):
+    """The caller of :meth:`GlobalRateLimiter.acquire` stopped waiting (its job was
+    cancelled or ran out of time); no request was recorded."""
+
+
 class RateLimitTooSmall(ConfigError):
     """One request costs more tokens than the whole tokens-per-window limit."""
 
@@ -190,8 +196,15 @@ class GlobalRateLimiter:
         ))
         return (0.0, member) if wait <= 0 else (wait, "")
 
-    def acquire(self, tokens: int = 0, *, timeout: float | None = None) -> Ticket:
-        """Block until a request costing ``tokens`` may be sent; record it."""
+    def acquire(self, tokens: int = 0, *, timeout: float | None = None,
+                sleep: Callable[[float], bool] | None = None) -> Ticket:
+        """Block until a request costing ``tokens`` may be sent; record it.
+
+        Safe from many threads at once (each attempt is one atomic script; the Redis
+        client is thread-safe). Waits go through ``sleep(seconds)`` when given (a
+        job's :meth:`~worker.control.JobControl.wait`): when it returns True the
+        caller no longer wants the slot and :class:`AdmissionAbandoned` is raised,
+        with nothing recorded."""
         if 0 < self.limits.tokens_per_window < tokens:
             raise RateLimitTooSmall(
                 f"this request needs about {tokens} tokens, more than the whole limit of "
@@ -206,7 +219,11 @@ class GlobalRateLimiter:
             if timeout is not None and time.monotonic() - start + wait > timeout:
                 raise TimeoutError(f"rate limit: no slot within {timeout:g}s")
             # A little jitter so waiting workers do not all wake in the same instant.
-            time.sleep(min(wait, 5.0) + random.uniform(0.0, 0.01))
+            pause = min(wait, 5.0) + random.uniform(0.0, 0.01)
+            if sleep is None:
+                time.sleep(pause)
+            elif sleep(pause):
+                raise AdmissionAbandoned("the caller stopped waiting for the rate limit")
 
     def settle(self, ticket: Ticket, actual_tokens: int | None) -> None:
         """Replace a request's estimated token charge by what it actually used."""

@@ -34,6 +34,7 @@ from .control import (
     CANCELLED,
     TIME_LIMIT,
     JobControl,
+    JobStopped,
     live_state,
     monitoring,
 )
@@ -120,7 +121,9 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
     if not isinstance(output, Exception) and output.logits is not None:
         output = write_logits(output, job_id, state.artifacts)
     started_at = _started_at(control)
-    if isinstance(output, Exception):
+    if isinstance(output, JobStopped) and control.stop_reason is not None:
+        _store_stopped(state, job_id, output, control, started_at)
+    elif isinstance(output, Exception):
         error_type, message = describe_failure(output, control)
         log.info("job %s failed: %s", job_id, message)
         # The traceback's frames hold the failed job's tensors; drop them before freeing.
@@ -144,6 +147,19 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
     else:
         _store(state, f"store the result of job {job_id}",
                lambda s: store_output(s, job_id, output, started_at=started_at))
+
+
+def _store_stopped(state: ProcessState, job_id: str, stopped: JobStopped,
+                   control: JobControl, started_at: datetime | None) -> None:
+    """A job its backend stopped before it had anything to store: no rows, not partial."""
+    if control.stop_reason == CANCELLED:
+        _store(state, f"store cancelled job {job_id}", lambda s: store_cancelled(
+            s, job_id, f"cancelled {stopped.when}", started_at=started_at))
+        return
+    began = {"started_at": started_at} if started_at is not None else None
+    message = time_limit_message(control.time_limit, when=stopped.when)
+    _store(state, f"store timed-out job {job_id}", lambda s: store_failure(
+        s, job_id, message, began, error_type="TimeLimitExceeded"))
 
 
 def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:

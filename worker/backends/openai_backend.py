@@ -7,20 +7,30 @@ client (its own retries off, ``max_retries=0``), under the global rate limit of
 
 Environment of the worker (never of a job): ``OPENAI_API_KEY`` (required),
 ``LOGPROBE_OPENAI_BASE_URL`` (or ``OPENAI_BASE_URL``; default the OpenAI API),
-``LOGPROBE_OPENAI_TIMEOUT_S`` (per call, default 60), ``LOGPROBE_OPENAI_MAX_ATTEMPTS``
-(default 6), ``LOGPROBE_OPENAI_BACKOFF_S`` / ``LOGPROBE_OPENAI_BACKOFF_MAX_S``
-(default 1 / 60), ``LOGPROBE_OPENAI_SCORE_MAX_TOKENS`` (0 or 1, default 0), and
-the rate-limit variables of ``worker.ratelimit``.
+``LOGPROBE_OPENAI_CONCURRENCY`` (requests of one message in flight, default 8),
+``LOGPROBE_OPENAI_TIMEOUT_S`` + ``LOGPROBE_OPENAI_TIMEOUT_PER_TOKEN_S`` x max_tokens x n
+(per call, default 60 + 0.1 s per token), ``LOGPROBE_OPENAI_TIMEOUT_RETRIES`` (times a
+timed-out request is sent again, with twice the timeout; default 1),
+``LOGPROBE_OPENAI_MAX_ATTEMPTS`` (default 6), ``LOGPROBE_OPENAI_BACKOFF_S`` /
+``LOGPROBE_OPENAI_BACKOFF_MAX_S`` (default 1 / 60), ``LOGPROBE_OPENAI_SCORE_MAX_TOKENS``
+(0 or 1, default 0), and the rate-limit variables of ``worker.ratelimit``.
+
+Each job checks its control (``worker.control``: cancel flag, time limit) before its
+request, and while it waits for the rate limit or a retry: a job stopped there is
+never sent (nor billed) and is stored without rows. A request already sent is
+waited for, up to the job's time left, and a cancelled job's answer is stored.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +40,8 @@ from api_client.errors import BackendError, ConfigError, ProbeInputError
 from api_client.settings import Settings
 from api_client.specs import GenerateSpec
 
-from ..ratelimit import GlobalRateLimiter, RateLimits
+from ..control import JobControl, JobStopped, control_for
+from ..ratelimit import AdmissionAbandoned, GlobalRateLimiter, RateLimits
 from .base import AnySpec, Backend, ProbeOutput
 from .openai_parse import parse_response
 from .openai_payload import OpenAIRequest, build_request
@@ -51,9 +62,23 @@ class OpenAISettings:
     timeout_s: float
     retry: RetryPolicy
     score_max_tokens: int
+    #: Extra call timeout per requested token (max_tokens x n): a non-streamed
+    #: generation sends nothing until it is complete.
+    timeout_per_token_s: float = 0.1
+    #: How many times a request that timed out is sent again (each with twice the
+    #: timeout). The server may have generated, and billed, the answer we gave up on.
+    timeout_retries: int = 1
+    #: Requests of one message (one ``run``) in flight at once.
+    concurrency: int = 8
 
     def __repr__(self) -> str:  # never print the key
-        return f"OpenAISettings(base_url={self.base_url!r}, timeout_s={self.timeout_s})"
+        return (f"OpenAISettings(base_url={self.base_url!r}, timeout_s={self.timeout_s}, "
+                f"concurrency={self.concurrency})")
+
+    def call_timeout(self, request: OpenAIRequest) -> float:
+        """The first call's timeout: the base plus the time the asked tokens may take."""
+        tokens = int(request.params.get("max_tokens") or 0) * int(request.params.get("n") or 1)
+        return self.timeout_s + self.timeout_per_token_s * tokens
 
     @classmethod
     def from_env(cls) -> OpenAISettings:
@@ -64,6 +89,9 @@ class OpenAISettings:
         score_max_tokens = int(os.environ.get("LOGPROBE_OPENAI_SCORE_MAX_TOKENS", "0"))
         if score_max_tokens not in (0, 1):
             raise ConfigError("LOGPROBE_OPENAI_SCORE_MAX_TOKENS must be 0 or 1")
+        concurrency = int(os.environ.get("LOGPROBE_OPENAI_CONCURRENCY", "8"))
+        if concurrency < 1:
+            raise ConfigError("LOGPROBE_OPENAI_CONCURRENCY must be >= 1")
         return cls(
             api_key=key,
             base_url=os.environ.get("LOGPROBE_OPENAI_BASE_URL")
@@ -75,7 +103,35 @@ class OpenAISettings:
                 max_s=float(os.environ.get("LOGPROBE_OPENAI_BACKOFF_MAX_S", "60")),
             ),
             score_max_tokens=score_max_tokens,
+            timeout_per_token_s=float(os.environ.get("LOGPROBE_OPENAI_TIMEOUT_PER_TOKEN_S",
+                                                     "0.1")),
+            timeout_retries=max(0, int(os.environ.get("LOGPROBE_OPENAI_TIMEOUT_RETRIES", "1"))),
+            concurrency=concurrency,
         )
+
+
+class _Unwatched:
+    """The control of a job run outside a worker's runner (a notebook, a unit test):
+    never cancelled, no time limit."""
+
+    def begin(self, total: int, unit: str = "tokens") -> None:
+        pass
+
+    def advance(self, done: int) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def remaining(self) -> float:
+        return math.inf
+
+    def wait(self, seconds: float) -> bool:
+        time.sleep(seconds)
+        return False
+
+
+_UNWATCHED = _Unwatched()
 
 
 #: How OpenAI echoes a key in a 401 message: "sk-abc***************wxyz".
@@ -129,43 +185,91 @@ class OpenAIBackend(Backend):
         self.limiter = GlobalRateLimiter(self.redis, limits or RateLimits.from_env())
 
     def run(self, specs: Sequence[AnySpec]) -> list[ProbeOutput | Exception]:
-        outputs: list[ProbeOutput | Exception] = []
-        for spec in specs:
-            try:
-                outputs.append(self.run_one(spec))
-            except Exception as exc:  # one bad job must not sink the others
-                message = scrub(str(exc), self.settings.api_key)
-                log.info("job failed: %s: %s", type(exc).__name__, message)
-                clean = type(exc)(message) if isinstance(exc, ProbeInputError | BackendError) \
-                    else BackendError(scrub(describe(exc), self.settings.api_key))
-                outputs.append(clean)
-        return outputs
+        """The jobs' requests, up to ``concurrency`` in flight (each still admitted by
+        the global rate limit); outputs in the order of ``specs``."""
+        # The controls are found in this thread's context, not in the pool's threads.
+        controls = [control_for(spec) for spec in specs]
+        workers = min(self.settings.concurrency, len(specs))
+        if workers <= 1:
+            return [self._run_guarded(spec, c) for spec, c in zip(specs, controls, strict=True)]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai") as pool:
+            return list(pool.map(self._run_guarded, specs, controls))
 
-    def run_one(self, spec: AnySpec) -> ProbeOutput:
+    def _run_guarded(self, spec: AnySpec,
+                     control: JobControl | None) -> ProbeOutput | Exception:
+        """One job's output, or the exception it ended with (one bad job must not sink
+        the others; never the key in it)."""
+        try:
+            return self.run_one(spec, control)
+        except JobStopped as stopped:
+            log.info("job stopped (%s) %s", control.stop_reason if control else "?",
+                     stopped.when)
+            return stopped
+        except Exception as exc:
+            message = scrub(str(exc), self.settings.api_key)
+            log.info("job failed: %s: %s", type(exc).__name__, message)
+            return type(exc)(message) if isinstance(exc, ProbeInputError | BackendError) \
+                else BackendError(scrub(describe(exc), self.settings.api_key))
+
+    def run_one(self, spec: AnySpec, control: JobControl | None = None) -> ProbeOutput:
+        """Send ``spec``'s request and parse the answer. Raises :class:`JobStopped` if
+        ``control`` says stop before the request is sent or while it waits to be."""
+        gate = control or _UNWATCHED
+        gate.begin(1, "requests")  # its time limit counts from here, not from the claim
+        if gate.should_stop():
+            raise JobStopped("before its OpenAI request was sent")
         seed = None
         if isinstance(spec, GenerateSpec) and spec.do_sample:
             seed = spec.seed if spec.seed is not None else random.randint(0, PICKED_SEED_MAX)
         request = build_request(spec, seed=seed, score_max_tokens=self.settings.score_max_tokens)
-        response = self.call(request)
+        response = self.call(request, gate)
+        gate.advance(1)
         output = parse_response(response, spec, request, offline_encoding(spec.model), seed)
         output.provenance["openai_version"] = openai.__version__
         return output
 
-    def _send(self, request: OpenAIRequest) -> dict[str, Any]:
+    def _send(self, request: OpenAIRequest, timeout: float) -> dict[str, Any]:
         if request.endpoint == "chat":
-            result = self.client.chat.completions.create(**request.params)
+            result = self.client.chat.completions.create(**request.params, timeout=timeout)
         else:
-            result = self.client.completions.create(**request.params)
+            result = self.client.completions.create(**request.params, timeout=timeout)
         return result.model_dump(mode="json")
 
-    def call(self, request: OpenAIRequest) -> dict[str, Any]:
-        """Send one request under the global limit; retry what may succeed later."""
+    def call(self, request: OpenAIRequest,
+             control: JobControl | _Unwatched = _UNWATCHED) -> dict[str, Any]:
+        """Send one request under the global limit; retry what may succeed later.
+
+        ``control`` is asked before every call and during every wait; a job stopped
+        there raises :class:`JobStopped`. A call's timeout grows with the tokens asked
+        for and never outlasts the job's time left. A timed-out call is sent again at
+        most ``timeout_retries`` times, with twice the timeout: its generation may
+        have been billed although its answer never arrived."""
         policy = self.settings.retry
+        timeout = self.settings.call_timeout(request)
+        timeouts: list[float] = []
         last: Exception | None = None
         for attempt in range(1, policy.max_attempts + 1):
-            ticket = self.limiter.acquire(request.estimated_tokens)
             try:
-                response = self._send(request)
+                ticket = self.limiter.acquire(request.estimated_tokens, sleep=control.wait)
+            except AdmissionAbandoned:
+                raise JobStopped("while waiting for the shared OpenAI rate limit") from None
+            left = control.remaining()
+            try:
+                response = self._send(request, max(0.001, min(timeout, left)))
+            except openai.APITimeoutError as exc:  # before APIConnectionError: it is one
+                last = exc
+                if left <= timeout:  # the job's time ran out, not the call's
+                    control.wait(control.remaining() + 0.01)
+                    if control.should_stop():
+                        raise JobStopped("while its OpenAI request was unanswered") from None
+                timeouts.append(timeout)
+                if len(timeouts) > self.settings.timeout_retries:
+                    raise BackendError(self._timed_out(timeouts)) from None
+                timeout *= 2
+                wait = policy.backoff(attempt)
+                log.warning("OpenAI request timed out after %.1fs (attempt %d/%d); sending "
+                            "it once more with a %.1fs timeout in %.2fs", timeouts[-1], attempt,
+                            policy.max_attempts, timeout, wait)
             except openai.APIStatusError as exc:
                 last = exc
                 self._refuse_if_final(exc, request)
@@ -180,7 +284,7 @@ class OpenAIBackend(Backend):
                 else:
                     log.warning("OpenAI %s (attempt %d/%d); retrying in %.2fs",
                                 self._describe(exc), attempt, policy.max_attempts, wait)
-            except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            except openai.APIConnectionError as exc:
                 last = exc
                 wait = policy.backoff(attempt)
                 log.warning("OpenAI %s (attempt %d/%d); retrying in %.2fs",
@@ -189,11 +293,21 @@ class OpenAIBackend(Backend):
                 usage = response.get("usage") or {}
                 self.limiter.settle(ticket, usage.get("total_tokens"))
                 return response
-            if attempt < policy.max_attempts:
-                time.sleep(wait)
+            if attempt < policy.max_attempts and control.wait(wait):
+                raise JobStopped(f"while waiting to retry its OpenAI request after "
+                                 f"{self._describe(last)}")
         assert last is not None
         raise BackendError(f"OpenAI request failed after {policy.max_attempts} attempts; "
                            f"last error: {self._describe(last)}")
+
+    @staticmethod
+    def _timed_out(timeouts: list[float]) -> str:
+        times = "time" if len(timeouts) == 1 else "times"
+        waited = ", then ".join(f"{t:g} s" for t in timeouts)
+        return (f"OpenAI request timed out {len(timeouts)} {times} (no answer within "
+                f"{waited}); not resent again, as a timed-out generation may still be "
+                "billed. Raise LOGPROBE_OPENAI_TIMEOUT_S or LOGPROBE_OPENAI_TIMEOUT_PER_TOKEN_S "
+                "on the worker, or lower max_new_tokens")
 
     def _describe(self, exc: BaseException) -> str:
         return scrub(describe(exc), self.settings.api_key)

@@ -87,15 +87,27 @@ def completion_tokens(logprobs: dict[str, Any], *, start: int, stop: int | None,
     return tuple(out)
 
 
-def _num_prompt_tokens(spec: ScoreSpec, logprobs: dict[str, Any]) -> int:
-    """How many echoed tokens are the prompt's (a generated token may follow them)."""
-    if spec.token_ids is not None:
-        return len(spec.token_ids)
-    offsets = logprobs.get("text_offset")
+def _num_prompt_tokens(spec: ScoreSpec, logprobs: dict[str, Any], response: dict[str, Any],
+                       request: OpenAIRequest) -> int:
+    """How many echoed tokens are the prompt's (with ``max_tokens=1`` a generated token
+    follows them): the token ids sent, else ``text_offset`` (optional in the API's
+    types), else ``usage.prompt_tokens``, else all tokens but ``usage.completion_tokens``."""
     tokens = logprobs.get("tokens") or []
-    if not offsets:
-        return len(tokens)
-    return sum(1 for offset in offsets if offset < len(spec.text or ""))
+    if spec.token_ids is not None:
+        return min(len(spec.token_ids), len(tokens))
+    offsets = logprobs.get("text_offset")
+    if offsets:
+        return sum(1 for offset in offsets if offset < len(spec.text or ""))
+    usage = response.get("usage") or {}
+    if usage.get("prompt_tokens") is not None:
+        return min(int(usage["prompt_tokens"]), len(tokens))
+    if usage.get("completion_tokens") is not None:
+        return max(0, len(tokens) - int(usage["completion_tokens"]))
+    if not request.params.get("max_tokens"):
+        return len(tokens)  # nothing was generated
+    raise BackendError("the OpenAI score response has neither text_offset nor usage, so "
+                       "the prompt's tokens cannot be told from the generated one; set "
+                       "LOGPROBE_OPENAI_SCORE_MAX_TOKENS=0 if the server accepts it")
 
 
 def parse_score(response: dict[str, Any], spec: ScoreSpec, request: OpenAIRequest,
@@ -103,7 +115,7 @@ def parse_score(response: dict[str, Any], spec: ScoreSpec, request: OpenAIReques
     """An ``echo=True`` completion: the prompt tokens' logprobs and their mean loss."""
     choice = _choices(response)[0]
     logprobs = _logprobs(choice)
-    n = _num_prompt_tokens(spec, logprobs)
+    n = _num_prompt_tokens(spec, logprobs, response, request)
     tokens = completion_tokens(logprobs, start=0, stop=n, position0=0, generated=False,
                                encoding=encoding, ids=spec.token_ids)
     scored = [t.logprob for t in tokens if t.logprob is not None]

@@ -84,7 +84,7 @@ class Job(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     # Determinism: jobs with the same config_hash asked the same question (set at submit:
-    # sha256 of the canonical spec JSON without seed and device); output_hash is the
+    # sha256 of the canonical spec JSON without seed, device and reuse); output_hash is the
     # sha256 of the output token ids of every sequence (set when results are stored).
     config_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     output_hash: Mapped[str | None] = mapped_column(String(64))

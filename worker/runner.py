@@ -402,6 +402,11 @@ def _store_batch(state: ProcessState, done: list[tuple[str, ProbeOutput]],
     return {job_id for job_id, _ in done}
 
 
+#: How a job Celery's backstop stopped is described (it stores no rows).
+BACKSTOP_STOP = ("when Celery's time limit for its message (the sum of its jobs' limits) "
+                 "stopped the worker")
+
+
 def fail_unfinished(items: Iterable[dict[str, Any]]) -> None:
     """Fail the still-unfinished jobs of a task Celery stopped (hard/soft time limit)."""
     state = process_state()
@@ -409,4 +414,5 @@ def fail_unfinished(items: Iterable[dict[str, Any]]) -> None:
         limit = float(item.get("time_limit") or default_job_time_limit())
         _store(state, f"fail job {item['id']}",
                lambda s, job_id=item["id"], limit=limit: store_failure(
-                   s, job_id, time_limit_message(limit), error_type="TimeLimitExceeded"))
+                   s, job_id, time_limit_message(limit, when=BACKSTOP_STOP),
+                   error_type="TimeLimitExceeded"))

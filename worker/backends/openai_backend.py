@@ -263,6 +263,8 @@ class OpenAIBackend(Backend):
                     if control.should_stop():
                         raise JobStopped("while its OpenAI request was unanswered") from None
                 timeouts.append(timeout)
+                if control.should_stop():  # cancelled while the request was unanswered
+                    raise JobStopped("while its OpenAI request was unanswered") from None
                 if len(timeouts) > self.settings.timeout_retries:
                     raise BackendError(self._timed_out(timeouts)) from None
                 timeout *= 2

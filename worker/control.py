@@ -78,8 +78,12 @@ class JobControl:
     def begin(self, total: int, unit: str = "tokens") -> None:
         """The job's work is ``total`` units (tokens to score or to generate).
 
-        The first call starts the job's clock: its time limit counts from here."""
+        Starts the job's clock if :meth:`start` did not already."""
         self.total, self.unit, self.done = total, unit, 0
+        self.start()
+
+    def start(self) -> None:
+        """The job's own computation begins: its time limit counts from the first call."""
         if self.begun_at is None:
             self.begun_at = time.time()
             self.deadline = time.monotonic() + self.time_limit
@@ -97,6 +101,11 @@ class JobControl:
         :meth:`should_stop`. For backends that wait between calls (retries, rate limits)."""
         self._cancel.wait(max(0.0, min(seconds, self.remaining())))
         return self.should_stop()
+
+    def stop_requested(self) -> bool:
+        """Whether :meth:`should_stop` would be true, without recording a stop."""
+        return (self.stop_reason is not None or self._cancel.is_set()
+                or time.monotonic() >= self.deadline)
 
     def should_stop(self) -> bool:
         """True once the job was cancelled or ran past its time limit (sets stop_reason)."""

@@ -19,8 +19,10 @@ import torch
 
 from api_client.specs import ScoreSpec
 
+from ..control import control_for
 from .base import AnySpec, Backend, ProbeOutput
 from .hf_generate import generate
+from .hf_interrupt import all_should_stop, stop_when
 from .hf_models import ModelCache, auto_device
 from .hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score, score_batch
 from .hf_tensor_score import score_tensors
@@ -92,10 +94,14 @@ class HFBackend(Backend):
     def run_one(self, spec: AnySpec) -> ProbeOutput:
         lm = self.models.get(spec.model, spec.revision, spec.dtype, spec.device,
                              device_map=spec.device_map)
-        if isinstance(spec, ScoreSpec):
-            if spec.embedding is not None or spec.return_logits:
-                return score_tensors(lm, spec)
-            return score(lm, spec)
+        control = control_for(spec)
+        if control is not None:
+            control.start()  # its time limit counts from here, not from the claim
+        if isinstance(spec, ScoreSpec):  # one forward pass: stoppable between layers
+            with stop_when(all_should_stop([control])):
+                if spec.embedding is not None or spec.return_logits:
+                    return score_tensors(lm, spec)
+                return score(lm, spec)
         return generate(lm, spec)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from ..control import control_for
 from .base import ProbeOutput
 from .hf_common import alternatives_from_topk, check_ids, decode_each, text_logprobs
 from .hf_embeddings import build_embedding
+from .hf_interrupt import all_should_stop, stop_when
 from .hf_logits import check_logits_rows, forward_logits, logits_array, position_tokens
 from .hf_models import LoadedModel
 from .hf_step_scores import StepScores
@@ -56,13 +57,19 @@ def generation_config(lm: LoadedModel, spec: GenerateSpec) -> GenerationConfig:
 
 def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
     artifacts: list[dict[str, Any]] = []
+    control = control_for(spec)  # progress, cancel flag, time limit of the running job
+    # The prompt's forward passes stop between layers when the job is cancelled or out
+    # of time; once decoding runs, the stopping criteria stop it at the next step with
+    # the tokens so far (hf_interrupt, hf_stopping).
+    before_decoding = all_should_stop([control])
     if spec.embedding is not None:  # inputs_embeds: generate() returns only new tokens
         built = build_embedding(lm, spec.embedding, "generate", spec.max_new_tokens)
         artifacts = built.artifacts
         n_prompt, offset = built.length, 0
         targets: list[int | None] = list(built.ids) if built.ids else [None] * n_prompt
-        prompt_tokens = tuple(position_tokens(
-            lm, forward_logits(lm, inputs_embeds=built.embeds), targets, spec.top_logprobs))
+        with stop_when(before_decoding):
+            prompt_logits = forward_logits(lm, inputs_embeds=built.embeds)
+        prompt_tokens = tuple(position_tokens(lm, prompt_logits, targets, spec.top_logprobs))
         model_inputs = {"inputs_embeds": built.embeds,
                         "attention_mask": torch.ones(built.embeds.shape[:2], dtype=torch.long,
                                                      device=lm.device)}
@@ -72,7 +79,8 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
         if not prompt_ids:
             raise ProbeInputError("the prompt encodes to no tokens; pass a non-empty prompt")
         check_ids(lm, prompt_ids, "the prompt", extra=spec.max_new_tokens)
-        prompt_tokens = tuple(text_logprobs(lm, prompt_ids, spec.top_logprobs))
+        with stop_when(before_decoding):
+            prompt_tokens = tuple(text_logprobs(lm, prompt_ids, spec.top_logprobs))
         input_ids = torch.tensor([prompt_ids], device=lm.device)
         model_inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         n_prompt = offset = len(prompt_ids)
@@ -82,7 +90,6 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
     seed = (spec.seed if spec.seed is not None else pick_seed()) if spec.do_sample else None
 
     config = generation_config(lm, spec)
-    control = control_for(spec)  # progress, cancel flag, time limit of the running job
     # = compute_transition_scores(sequences, scores, normalize_logits=True), step by
     # step as generate runs, in float64 (the float32 scores' logprobs exact to the bit).
     step_scores = StepScores(spec.top_logprobs, release_scores=not spec.return_logits)
@@ -90,7 +97,8 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
         step_scores, *(job_stopping_criteria(control, offset, spec.max_new_tokens) or [])])
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.inference_mode():
+    with torch.inference_mode(), stop_when(
+            lambda: step_scores.steps == 0 and before_decoding()):  # the prefill only
         out = lm.model.generate(**model_inputs, generation_config=config,
                                 stopping_criteria=criteria)
     if step_scores.steps != out.sequences.shape[1] - offset:

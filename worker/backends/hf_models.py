@@ -32,6 +32,7 @@ from transformers import (
 from api_client.errors import ModelLoadError
 
 from .fused_activations import use_fused_activations
+from .hf_interrupt import install_layer_checks
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ def load_model(name: str, revision: str | None, dtype: str | None, device: str,
     # generation_config.json (repetition_penalty, no_repeat_ngram_size, min_new_tokens,
     # ...): a probe decodes exactly as its spec says, so the model's file is set aside.
     model.generation_config = GenerationConfig()
+    install_layer_checks(model)  # cancel / time limit between layers (hf_interrupt)
     if fused_activations and (replaced := use_fused_activations(model)):
         log.info("%s: %d activations use the fused tanh-GELU kernel", name, replaced)
     config = model.config

@@ -15,7 +15,7 @@ from api_client.errors import ProbeInputError
 from api_client.results import SequenceResult
 from api_client.specs import ScoreSpec
 
-from ..control import control_for
+from ..control import JobStopped, control_for
 from .base import ProbeOutput
 from .hf_batch_logprobs import TextLogprobs, batch_token_logprobs
 from .hf_common import (
@@ -25,6 +25,7 @@ from .hf_common import (
     input_tokens,
     text_logprobs,
 )
+from .hf_interrupt import all_should_stop, stop_when
 from .hf_models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -180,16 +181,20 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
     for batch_indices in plan:
         items = [prepared[i] for i in batch_indices]
 
-        def forward(part: list[tuple[int, list[int]]]) -> list[ProbeOutput]:
+        def forward(part: list[tuple[int, list[int]]]) -> list[ProbeOutput | Exception]:
             controls = [(control_for(specs[i]), len(ids)) for i, ids in part]
             for control, n in controls:
                 if control is not None:
                     control.begin(n, "tokens")
-            scored = batch_token_logprobs(
-                lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part],
-                chunk_rows=chunk_rows, head_only=head_only,
-                vocabulary_tile=vocabulary_tile,
-            )
+            try:
+                with stop_when(all_should_stop([control for control, _ in controls])):
+                    scored = batch_token_logprobs(
+                        lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part],
+                        chunk_rows=chunk_rows, head_only=head_only,
+                        vocabulary_tile=vocabulary_tile,
+                    )
+            except JobStopped as stopped:  # every job of the batch was cancelled / timed out
+                return [stopped] * len(part)
             for control, n in controls:
                 if control is not None:
                     control.advance(n)

@@ -7,12 +7,16 @@ so it needs this configuration but none of the worker's code.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
 from .constants import ENV_JOB_TIME_LIMIT, ENV_VISIBILITY_TIMEOUT
 from .errors import ConfigError
+from .settings import mask_url
+
+if TYPE_CHECKING:
+    import redis
 
 #: Longest a job may run before the worker stops it (seconds); jobs may ask for less.
 DEFAULT_JOB_TIME_LIMIT = 6 * 3600
@@ -130,6 +134,33 @@ _SSL_QUERY_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile
                    "ssl_check_hostname")
 
 
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL whose password no parser reads as written.
+
+    A ``/``, ``?`` or ``#`` before the URL's last ``@`` (unencoded in the password)
+    ends the host part early: redis-py and kombu then take the password's start for
+    a host and port, and their errors ("Port could not be cast to integer value as
+    'RPW'") would show it. Both :func:`celery_config` and :func:`redis_client` call this.
+    """
+    _scheme, sep, rest = url.partition("://")
+    userinfo = rest.rpartition("@")[0] if sep else ""
+    if any(char in userinfo for char in "/?#"):
+        raise ConfigError(
+            f"the Redis URL {mask_url(url)} has a '/', '?' or '#' before its last '@', so "
+            "its password cannot be read: percent-encode them in the password (/ as %2F, "
+            "? as %3F, # as %23, @ as %40), and an '@' in a query value as %40")
+
+
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A redis-py client for ``url`` (live state: progress, cancel flags, heartbeats,
+    rate limits), after :func:`check_redis_url`; ``kwargs`` go to ``Redis.from_url``.
+    Every redis-py connection of the client and the workers is made here."""
+    import redis
+
+    check_redis_url(url)
+    return redis.Redis.from_url(url, **kwargs)
+
+
 def split_ssl_options(url: str) -> tuple[str, dict[str, Any] | None]:
     """Split a broker URL into the URL Celery gets and its TLS options.
 
@@ -143,8 +174,7 @@ def split_ssl_options(url: str) -> tuple[str, dict[str, Any] | None]:
     import ssl
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-    from .errors import ConfigError
-
+    check_redis_url(url)
     parts = urlsplit(url)
     if parts.scheme != "rediss":
         return url, None

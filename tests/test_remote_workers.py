@@ -231,6 +231,55 @@ def test_ssl_options_from_rediss_urls() -> None:
         celery_config("rediss://localhost/0?ssl_cert_reqs=maybe")
 
 
+@pytest.mark.parametrize(("query", "cert_reqs", "check_hostname"), [
+    ("ssl_cert_reqs=required", "CERT_REQUIRED", True),
+    ("ssl_cert_reqs=Required", "CERT_REQUIRED", True),
+    ("ssl_cert_reqs=CERT_REQUIRED&ssl_check_hostname=True", "CERT_REQUIRED", True),
+    ("ssl_cert_reqs=cert_optional&ssl_check_hostname=no", "CERT_OPTIONAL", False),
+    ("ssl_cert_reqs=optional&ssl_check_hostname=1", "CERT_OPTIONAL", True),
+    ("ssl_cert_reqs=none&ssl_check_hostname=false", "CERT_NONE", False),
+    ("ssl_cert_reqs=NONE&ssl_check_hostname=0", "CERT_NONE", False),
+    ("ssl_cert_reqs=cert_none&ssl_check_hostname=FALSE", "CERT_NONE", False),
+    ("ssl_ca_certs=%2Fetc%2Fca.pem", "CERT_REQUIRED", True),
+])
+def test_every_accepted_tls_spelling_reaches_redis_py(query: str, cert_reqs: str,
+                                                      check_hostname: bool, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery and every redis-py connection (the client's live state, the worker's
+    progress and heartbeats, the OpenAI rate limiter) read the URL the same way. The
+    connection objects are built without connecting, so no server is needed."""
+    import ssl
+
+    from api_client.broker import celery_config
+    from worker.backends.openai_backend import OpenAIBackend
+    from worker.runner import ProcessState
+
+    url = f"rediss://:pw@cache.example.org:6380/0?{query}"
+    tls = celery_config(url)["broker_use_ssl"]
+    assert tls["ssl_cert_reqs"] == getattr(ssl, cert_reqs)
+    assert tls.get("ssl_check_hostname", True) is check_hostname
+    monkeypatch.setenv("LOGPROBE_REDIS_URL", url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    with Client(redis_url=url, database_url=f"sqlite:///{tmp_path / 'r.db'}") as client:
+        clients = {"client": client.redis, "worker": ProcessState().redis,
+                   "openai": OpenAIBackend().redis}
+        for name, redis_py in clients.items():
+            connection = redis_py.connection_pool.make_connection()
+            assert connection.cert_reqs == getattr(ssl, cert_reqs), name
+            assert connection.check_hostname is check_hostname, name
+
+
+@pytest.mark.parametrize("query", ["ssl_cert_reqs=maybe", "ssl_check_hostname=f"])
+def test_unknown_tls_values_are_refused_on_both_paths(query: str) -> None:
+    from api_client.broker import celery_config, redis_client
+
+    url = f"rediss://:pw@cache.example.org:6380/0?{query}"
+    for connect in (celery_config, redis_client):
+        with pytest.raises(ConfigError, match=query.split("=")[0]) as err:
+            connect(url)
+        assert "pw" not in str(err.value).replace("ssl_", "")
+
+
 @pytest.mark.parametrize(("url", "masked"), [
     # Unencoded '/', '#', '?' end urlsplit's netloc early: the password is masked anyway.
     ("redis://:RPW/sekrit42@127.0.0.1:38899/0", "redis://:***@127.0.0.1:38899/0"),

@@ -7,12 +7,16 @@ so it needs this configuration but none of the worker's code.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
 from .constants import ENV_JOB_TIME_LIMIT, ENV_VISIBILITY_TIMEOUT
 from .errors import ConfigError
+from .settings import mask_url
+
+if TYPE_CHECKING:
+    import redis
 
 #: Longest a job may run before the worker stops it (seconds); jobs may ask for less.
 DEFAULT_JOB_TIME_LIMIT = 6 * 3600
@@ -128,6 +132,54 @@ def celery_config(
 #: ``rediss://`` URL query parameters that configure TLS (the names redis-py uses).
 _SSL_QUERY_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
                    "ssl_check_hostname")
+#: ``ssl_cert_reqs`` as redis-py spells it; the URL may also say ``CERT_REQUIRED`` etc.
+_CERT_REQS = ("required", "optional", "none")
+_BOOLEANS = {"true": "true", "1": "true", "yes": "true",
+             "false": "false", "0": "false", "no": "false"}
+
+
+def _canonical_tls_value(key: str, value: str) -> str:
+    """``ssl_cert_reqs`` as required|optional|none and ``ssl_check_hostname`` as
+    true|false (the only spellings redis-py and kombu read alike), however the URL
+    wrote them (any case, a ``cert_`` prefix, 1/0, yes/no); other parameters unchanged."""
+    if key == "ssl_cert_reqs":
+        name = value.lower().removeprefix("cert_")
+        if name not in _CERT_REQS:
+            raise ConfigError(f"ssl_cert_reqs={value!r} in the Redis URL: use one of "
+                              "required, optional, none")
+        return name
+    if key == "ssl_check_hostname":
+        if value.lower() not in _BOOLEANS:
+            raise ConfigError(f"ssl_check_hostname={value!r} in the Redis URL: use true "
+                              "or false")
+        return _BOOLEANS[value.lower()]
+    return value
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL whose password no parser reads as written.
+
+    A ``/``, ``?`` or ``#`` before the URL's last ``@`` (unencoded in the password)
+    ends the host part early: redis-py and kombu then take the password's start for
+    a host and port, and their errors ("Port could not be cast to integer value as
+    'RPW'") would show it. Both :func:`celery_config` and :func:`redis_client` call this.
+    """
+    _scheme, sep, rest = url.partition("://")
+    userinfo = rest.rpartition("@")[0] if sep else ""
+    if any(char in userinfo for char in "/?#"):
+        raise ConfigError(
+            f"the Redis URL {mask_url(url)} has a '/', '?' or '#' before its last '@', so "
+            "its password cannot be read: percent-encode them in the password (/ as %2F, "
+            "? as %3F, # as %23, @ as %40), and an '@' in a query value as %40")
+
+
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A redis-py client for ``url`` (live state: progress, cancel flags, heartbeats,
+    rate limits), through :func:`redis_py_url`; ``kwargs`` go to ``Redis.from_url``.
+    Every redis-py connection of the client and the workers is made here."""
+    import redis
+
+    return redis.Redis.from_url(redis_py_url(url), **kwargs)
 
 
 def split_ssl_options(url: str) -> tuple[str, dict[str, Any] | None]:
@@ -137,34 +189,48 @@ def split_ssl_options(url: str) -> tuple[str, dict[str, Any] | None]:
     optional|none``, ``ssl_ca_certs=/path/ca.pem``, ``ssl_certfile``, ``ssl_keyfile``,
     ``ssl_check_hostname=true|false``) become kombu's ``broker_use_ssl`` dict and are
     removed from the URL. The certificate is verified unless the URL says otherwise,
-    against the system's CAs or ``ssl_ca_certs``. The same URL, unsplit, works with
-    ``redis.Redis.from_url``. Other URLs come back unchanged, with ``None``.
+    against the system's CAs or ``ssl_ca_certs``. redis-py reads the same options from
+    :func:`redis_py_url`. Other URLs come back unchanged, with ``None``.
     """
     import ssl
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-    from .errors import ConfigError
-
+    check_redis_url(url)
     parts = urlsplit(url)
     if parts.scheme != "rediss":
         return url, None
     query = parse_qsl(parts.query, keep_blank_values=True)
+    levels = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+              "none": ssl.CERT_NONE}
     options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     for key, value in query:
+        if key not in _SSL_QUERY_KEYS:
+            continue
+        canonical = _canonical_tls_value(key, value)
         if key == "ssl_cert_reqs":
-            levels = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
-                      "none": ssl.CERT_NONE}
-            name = value.lower().removeprefix("cert_")
-            if name not in levels:
-                raise ConfigError(f"ssl_cert_reqs={value!r} in the Redis URL: use one of "
-                                  "required, optional, none")
-            options[key] = levels[name]
+            options[key] = levels[canonical]
         elif key == "ssl_check_hostname":
-            options[key] = value.lower() not in ("false", "0", "no")
-        elif key in _SSL_QUERY_KEYS:
-            options[key] = value
+            options[key] = canonical == "true"
+        else:
+            options[key] = canonical
     rest = [(k, v) for k, v in query if k not in _SSL_QUERY_KEYS]
     return urlunsplit(parts._replace(query=urlencode(rest))), options
+
+
+def redis_py_url(url: str) -> str:
+    """``url`` as ``redis.Redis.from_url`` must get it to connect as Celery does: for
+    ``rediss://``, ``ssl_cert_reqs`` and ``ssl_check_hostname`` spelled canonically
+    (redis-py refuses ``CERT_REQUIRED`` and reads ``f`` as false); refuses what
+    :func:`split_ssl_options` refuses."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    check_redis_url(url)
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or not parts.query:
+        return url
+    query = [(key, _canonical_tls_value(key, value))
+             for key, value in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def make_celery(broker_url: str, name: str = "logprobe", **overrides: Any) -> Celery:

@@ -16,6 +16,7 @@ from .broker import (
     hard_limit_grace,
     make_celery,
     max_job_time_limit,
+    redis_client,
     soft_limit_grace,
 )
 from .bulk_insert import insert_rows
@@ -111,9 +112,7 @@ class Client:
     def redis(self) -> redis.Redis:
         """A Redis client for live state (progress, cancel flags); opened on first use."""
         if self._redis is None:
-            import redis as redis_module
-
-            self._redis = redis_module.Redis.from_url(
+            self._redis = redis_client(
                 self.settings.resolved_redis_url(), socket_timeout=10, socket_connect_timeout=10
             )
         return self._redis
@@ -191,11 +190,12 @@ class Client:
             check_queue_name(queue_name)
         by_id = {row["id"]: row for row in rows}
         written: list[str] = []
+        celery = self.celery  # a malformed broker URL is refused here, before any row
         try:
             with ExitStack() as stack:
                 session = stack.enter_context(self.session())
                 try:
-                    producer = stack.enter_context(self.celery.producer_or_acquire())
+                    producer = stack.enter_context(celery.producer_or_acquire())
                 except Exception as exc:
                     raise self._broker_error(exc) from exc
                 columns = tuple(rows[0])

@@ -86,12 +86,22 @@ class Settings:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
+    """``url`` with its password replaced by ``***``, for messages and logs.
 
-    parts = urlsplit(url)
-    if parts.password is None:
+    The credentials end at the *last* ``@`` of the URL, whatever precedes it: a
+    password with an unencoded ``/``, ``?``, ``#`` or ``@`` (which ``urlsplit`` would
+    cut into host, path, query or fragment) is masked whole. Everything from ``://``
+    (or after the user name's ``:``) to that ``@`` becomes ``***``; a user name alone
+    (no ``:``) is kept.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest or rest.startswith("/"):  # no authority: sqlite:///a@b
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    unreadable = any(char in userinfo for char in "/?#")
+    if not colon and not unreadable:
+        return url
+    if any(char in user for char in "/?#"):
+        user = ""
+    return f"{scheme}://{user}:***@{host}"

@@ -6,9 +6,12 @@ everywhere else the YAML is parsed and checked here (no Docker engine is needed)
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,7 @@ def test_services_and_volumes(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"redis", "postgres", "migrate", *GPU_WORKERS, "worker-cpu",
                              "worker-openai", "flower"}
-    assert set(compose["volumes"]) == {"redis-data", "postgres-data", "hf-cache"}
+    assert set(compose["volumes"]) == {"redis-data", "postgres-data", "hf-cache", "artifacts"}
     assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert "redis-data:/data" in services["redis"]["volumes"]
     for name in ("redis", "postgres", "flower", *GPU_WORKERS, "worker-openai"):
@@ -57,12 +60,114 @@ def test_services_and_volumes(compose: dict[str, Any]) -> None:
                    for port in services[name]["ports"]), name
 
 
+def _argv_text(words: str | list[str]) -> str:
+    """A command or healthcheck as the words its processes get: here-document bodies
+    (which the shell writes to a pipe, not to anyone's argv) are left out."""
+    text = words if isinstance(words, str) else " ".join(words)
+    return re.sub(r"<<-?\s*'?(\w+)'?\n.*?^\1$", "<<heredoc", text, flags=re.S | re.M)
+
+
+def test_no_password_on_any_command_line(compose: dict[str, Any]) -> None:
+    # Arguments are visible to every user of the host (`ps`, `docker top`) and in
+    # `docker inspect`; passwords reach commands only through their environment.
+    assert _argv_text("a <<EOF\nrequirepass \"$$X\"\nEOF\n b") == "a <<heredoc\n b"
+    for name, service in compose["services"].items():
+        for what in ("command", "healthcheck"):
+            words = service.get(what)
+            if what == "healthcheck" and words:
+                words = words["test"]
+            if not words:
+                continue
+            text = _argv_text(words)
+            assert not re.search(r"\$\$?\{?\w*(PASSWORD|PASS|SECRET|TOKEN|AUTH)", text, re.I), (
+                name, what, text)
+            assert not re.search(r"--requirepass|--basic[-_]auth|--broker|\s-a\s|://[^\s@]*@",
+                                 text), (name, what, text)
+
+
 def test_redis_has_a_password_and_persists(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
     command = " ".join(redis["command"])
-    assert '--requirepass "$$REDIS_PASSWORD"' in command
+    assert '\nrequirepass "$$REDIS_PASSWORD"\n' in command and "redis-server - " in command
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
     assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+
+
+def test_redis_command_and_healthcheck_run(compose: dict[str, Any], tmp_path: Path) -> None:
+    """The compose Redis command (password from a here-document on stdin) and its
+    healthcheck (password from REDISCLI_AUTH), run with a local redis-server."""
+    import redis
+
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if not server or not cli:
+        pytest.skip("redis-server and redis-cli are not installed")
+    service = compose["services"]["redis"]
+    shell, flag, script = service["command"]
+    assert (shell, flag) == ("sh", "-c")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = script.replace("$$", "$").replace(
+        "redis-server - ", f"{server} - --port {port} --bind 127.0.0.1 --dir {tmp_path} ", 1)
+    password = "pw-from-env_1"
+    env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": password}
+    proc = subprocess.Popen([shell, flag, script], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    check = service["healthcheck"]["test"]
+    assert check[0] == "CMD-SHELL"
+    health = check[1].replace("$$", "$").replace("redis-cli", f"{cli} -p {port}", 1)
+
+    def healthy(auth: str) -> bool:
+        return subprocess.run(["sh", "-c", health], env={"PATH": os.environ["PATH"],
+                              "REDISCLI_AUTH": auth}, capture_output=True).returncode == 0
+
+    try:
+        deadline = time.monotonic() + 15
+        while not healthy(password):
+            assert proc.poll() is None and time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.1)
+        assert not healthy("wrong")
+        client = redis.Redis(port=port, password=password)
+        assert client.info("server")["process_id"] == proc.pid  # exec: no shell left over
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, password="wrong").ping()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_flower_reads_its_secrets_from_the_environment(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["command"] == ["celery", "flower", "--port=5555"]
+    env = flower["environment"]
+    assert env["CELERY_BROKER_URL"] == (
+        "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}@redis:6379/0")
+    assert env["FLOWER_BASIC_AUTH"] == (
+        "${FLOWER_USER:-admin}:${FLOWER_PASSWORD:?set FLOWER_PASSWORD in .env}")
+
+
+def test_postgres_healthcheck_uses_tcp(compose: dict[str, Any]) -> None:
+    check = compose["services"]["postgres"]["healthcheck"]["test"]
+    assert check[0] == "CMD-SHELL" and check[1].startswith("pg_isready -h 127.0.0.1 ")
+
+
+def test_workers_share_one_artifact_store(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("migrate", *GPU_WORKERS, "worker-cpu", "worker-openai"):
+        assert services[name]["environment"]["LOGPROBE_ARTIFACTS_URL"] == "/artifacts", name
+        assert "artifacts:/artifacts" in services[name]["volumes"], name
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "mkdir -p /cache/huggingface /artifacts" in dockerfile  # owned by the image's user
+    assert "chown logprobe:logprobe /cache/huggingface /artifacts" in dockerfile
+
+
+def test_hf_token_reaches_only_workers(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert "HF_TOKEN" not in services["migrate"]["environment"]
+    for name in (*GPU_WORKERS, "worker-cpu", "worker-openai"):
+        assert services[name]["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}", name
 
 
 def test_migrate_runs_once_before_workers(compose: dict[str, Any]) -> None:

@@ -231,6 +231,108 @@ def test_ssl_options_from_rediss_urls() -> None:
         celery_config("rediss://localhost/0?ssl_cert_reqs=maybe")
 
 
+@pytest.mark.parametrize(("query", "cert_reqs", "check_hostname"), [
+    ("ssl_cert_reqs=required", "CERT_REQUIRED", True),
+    ("ssl_cert_reqs=Required", "CERT_REQUIRED", True),
+    ("ssl_cert_reqs=CERT_REQUIRED&ssl_check_hostname=True", "CERT_REQUIRED", True),
+    ("ssl_cert_reqs=cert_optional&ssl_check_hostname=no", "CERT_OPTIONAL", False),
+    ("ssl_cert_reqs=optional&ssl_check_hostname=1", "CERT_OPTIONAL", True),
+    ("ssl_cert_reqs=none&ssl_check_hostname=false", "CERT_NONE", False),
+    ("ssl_cert_reqs=NONE&ssl_check_hostname=0", "CERT_NONE", False),
+    ("ssl_cert_reqs=cert_none&ssl_check_hostname=FALSE", "CERT_NONE", False),
+    ("ssl_ca_certs=%2Fetc%2Fca.pem", "CERT_REQUIRED", True),
+])
+def test_every_accepted_tls_spelling_reaches_redis_py(query: str, cert_reqs: str,
+                                                      check_hostname: bool, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery and every redis-py connection (the client's live state, the worker's
+    progress and heartbeats, the OpenAI rate limiter) read the URL the same way. The
+    connection objects are built without connecting, so no server is needed."""
+    import ssl
+
+    from api_client.broker import celery_config
+    from worker.backends.openai_backend import OpenAIBackend
+    from worker.runner import ProcessState
+
+    url = f"rediss://:pw@cache.example.org:6380/0?{query}"
+    tls = celery_config(url)["broker_use_ssl"]
+    assert tls["ssl_cert_reqs"] == getattr(ssl, cert_reqs)
+    assert tls.get("ssl_check_hostname", True) is check_hostname
+    monkeypatch.setenv("LOGPROBE_REDIS_URL", url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    with Client(redis_url=url, database_url=f"sqlite:///{tmp_path / 'r.db'}") as client:
+        clients = {"client": client.redis, "worker": ProcessState().redis,
+                   "openai": OpenAIBackend().redis}
+        for name, redis_py in clients.items():
+            connection = redis_py.connection_pool.make_connection()
+            assert connection.cert_reqs == getattr(ssl, cert_reqs), name
+            assert connection.check_hostname is check_hostname, name
+
+
+@pytest.mark.parametrize("query", ["ssl_cert_reqs=maybe", "ssl_check_hostname=f"])
+def test_unknown_tls_values_are_refused_on_both_paths(query: str) -> None:
+    from api_client.broker import celery_config, redis_client
+
+    url = f"rediss://:pw@cache.example.org:6380/0?{query}"
+    for connect in (celery_config, redis_client):
+        with pytest.raises(ConfigError, match=query.split("=")[0]) as err:
+            connect(url)
+        assert "pw" not in str(err.value).replace("ssl_", "")
+
+
+@pytest.mark.parametrize(("url", "masked"), [
+    # Unencoded '/', '#', '?' end urlsplit's netloc early: the password is masked anyway.
+    ("redis://:RPW/sekrit42@127.0.0.1:38899/0", "redis://:***@127.0.0.1:38899/0"),
+    ("redis://:RPW#sekrit42@127.0.0.1:38899/0", "redis://:***@127.0.0.1:38899/0"),
+    ("redis://:RPW?sekrit42@127.0.0.1:38899/0", "redis://:***@127.0.0.1:38899/0"),
+    ("redis://:a@b@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("redis://:a@b#c@redis/0", "redis://:***@redis/0"),
+    ("redis://RPW/sekrit42@redis/0", "redis://:***@redis/0"),
+    ("postgresql://logprobe:pa/ss?w#d@db.example.org:5432/logprobe",
+     "postgresql://logprobe:***@db.example.org:5432/logprobe"),
+    ("redis://:s3cr%40t%2Fpw%3Ax@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+    ("rediss://:pw@cache.example.org:6380/2?ssl_cert_reqs=none&ssl_ca_certs=%2Fetc%2Fca.pem",
+     "rediss://:***@cache.example.org:6380/2?ssl_cert_reqs=none&ssl_ca_certs=%2Fetc%2Fca.pem"),
+    # Nothing to mask: no password, a user name alone, no authority at all.
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("rediss://cache.example.org:6380/0?ssl_ca_certs=/etc/ca.pem",
+     "rediss://cache.example.org:6380/0?ssl_ca_certs=/etc/ca.pem"),
+    ("postgresql://logprobe@db/logprobe", "postgresql://logprobe@db/logprobe"),
+    ("sqlite:////tmp/a@b.db", "sqlite:////tmp/a@b.db"),
+])
+def test_mask_url(url: str, masked: str) -> None:
+    from api_client.settings import mask_url
+
+    assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize("separator", ["/", "#", "?"])
+def test_unencoded_password_is_refused_without_echoing_it(separator: str,
+                                                          tmp_path: Path) -> None:
+    """redis-py and kombu read ``:RPW`` of such a URL as the host and port and say
+    "Port could not be cast to integer value as 'RPW'": refused before either sees it."""
+    from api_client.database import upgrade_schema
+
+    url = f"redis://:RPW{separator}sekrit42@127.0.0.1:{_free_port()}/0"
+    database = f"sqlite:///{tmp_path / 'results.db'}"
+    upgrade_schema(database)
+    with Client(redis_url=url, database_url=database) as client:
+        with pytest.raises(ConfigError) as err:
+            client.score(TEXT, model="gpt2")
+        assert client.sql("SELECT COUNT(*) AS n FROM jobs").iloc[0]["n"] == 0
+    message = str(err.value)
+    assert "RPW" not in message and "sekrit42" not in message
+    assert "redis://:***@127.0.0.1" in message and "%2F" in message
+    with Client(redis_url=url, database_url=database) as client, pytest.raises(ConfigError):
+        client.redis.ping()  # the live-state connection (progress, cancel)
+    env = subprocess_env(LOGPROBE_REDIS_URL=url, LOGPROBE_DATABASE_URL=database)
+    proc = subprocess.run(logprobe_command("worker", "--backend", "hf"), capture_output=True,
+                          text=True, timeout=120, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "percent-encode" in output, output
+    assert "RPW" not in output and "sekrit42" not in output
+
+
 def test_background_worker_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
     from worker.background import start_worker
 

@@ -87,9 +87,15 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # read when torch is imported
     assert "torch" not in sys.modules, "torch must not be imported before GPU pinning"
 
+    from api_client.errors import ConfigError
+
     from .app import create_app
 
-    app = create_app()
+    try:
+        app = create_app()
+    except ConfigError as exc:  # a malformed URL: say what to change, no traceback
+        print(f"logprobe worker: {exc}", file=sys.stderr)
+        sys.exit(2)
     gpu = f"-gpu{args.gpu}" if args.gpu is not None else ""
     hostname = args.hostname or f"{args.backend}{gpu}-{os.getpid()}@{socket.gethostname()}"
     app.worker_main([

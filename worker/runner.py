@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_client.artifacts import ArtifactStore
-from api_client.broker import default_job_time_limit
+from api_client.broker import default_job_time_limit, redis_client
 from api_client.database import make_engine, make_sessionmaker
 from api_client.errors import SpecError
 from api_client.reuse import reuse_allowed, spec_hash
@@ -76,11 +76,9 @@ class ProcessState:
     def redis(self) -> Any:
         """This process's Redis client (progress, cancel flags); created on first use."""
         if self._redis is None:
-            import redis
-
-            self._redis = redis.Redis.from_url(self.settings.resolved_redis_url(),
-                                               socket_timeout=5, socket_connect_timeout=5,
-                                               health_check_interval=10)
+            self._redis = redis_client(self.settings.resolved_redis_url(),
+                                       socket_timeout=5, socket_connect_timeout=5,
+                                       health_check_interval=10)
         return self._redis
 
     def backend_options(self, name: str) -> dict[str, Any]:

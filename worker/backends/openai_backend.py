@@ -36,6 +36,7 @@ from typing import Any
 
 import openai
 
+from api_client.broker import redis_client
 from api_client.errors import BackendError, ConfigError, ProbeInputError
 from api_client.settings import Settings
 from api_client.specs import GenerateSpec
@@ -174,14 +175,12 @@ class OpenAIBackend(Backend):
 
     def __init__(self, settings: OpenAISettings | None = None,
                  limits: RateLimits | None = None, redis_url: str | None = None) -> None:
-        import redis
-
         self.settings = settings or OpenAISettings.from_env()
         self.client = openai.OpenAI(api_key=self.settings.api_key,
                                     base_url=self.settings.base_url,
                                     timeout=self.settings.timeout_s, max_retries=0)
         url = redis_url or Settings.from_env().resolved_redis_url()
-        self.redis = redis.Redis.from_url(url)
+        self.redis = redis_client(url)
         self.limiter = GlobalRateLimiter(self.redis, limits or RateLimits.from_env())
 
     def run(self, specs: Sequence[AnySpec]) -> list[ProbeOutput | Exception]:

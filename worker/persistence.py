@@ -36,6 +36,12 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _start(started_at: datetime | None) -> dict[str, datetime]:
+    """The ``started_at`` value to write: when the job's own compute began, if it did
+    (else the claim time stays)."""
+    return {} if started_at is None else {"started_at": started_at}
+
+
 def store_output(session: Session, job_id: str, output: ProbeOutput, *,
                  status: JobStatus = JobStatus.SUCCEEDED, partial: bool = False,
                  error: str | None = None, error_type: str | None = None,
@@ -70,17 +76,16 @@ def store_output(session: Session, job_id: str, output: ProbeOutput, *,
             "error_type": error_type,
             "finished_at": _now(),
             **output.provenance,
+            **_start(started_at),
         }
-        if started_at is not None:
-            values["started_at"] = started_at
         session.execute(update(Job).where(Job.id == job_id).values(**values))
     return True
 
 
-def store_failure(session: Session, job_id: str, error: BaseException | str,
-                  provenance: dict[str, Any] | None = None, *,
-                  error_type: str | None = None) -> None:
-    """Mark an unfinished job failed with its error text (no traceback, no secrets)."""
+def store_failure(session: Session, job_id: str, error: BaseException | str, *,
+                  error_type: str | None = None, started_at: datetime | None = None) -> None:
+    """Mark an unfinished job failed with its error text (no traceback, no secrets);
+    ``started_at``, if given, is when it began."""
     if isinstance(error, BaseException):
         kind, message = type(error).__name__, str(error) or type(error).__name__
     else:
@@ -91,7 +96,7 @@ def store_failure(session: Session, job_id: str, error: BaseException | str,
             update(Job)
             .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
             .values(status=JobStatus.FAILED, error=message, error_type=error_type,
-                    finished_at=_now(), **(provenance or {}))
+                    finished_at=_now(), **_start(started_at))
         )
 
 
@@ -99,12 +104,11 @@ def store_cancelled(session: Session, job_id: str, message: str, *,
                     started_at: datetime | None = None) -> bool:
     """Mark an unfinished job cancelled without results (it was stopped before it
     computed anything); ``started_at``, if given, is when it began."""
-    began = {"started_at": started_at} if started_at is not None else {}
     with session.begin():
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
             .values(status=JobStatus.CANCELLED, error=message, error_type="Cancelled",
-                    partial=False, finished_at=_now(), **began)
+                    partial=False, finished_at=_now(), **_start(started_at))
         )
     return bool(result.rowcount)

@@ -128,9 +128,9 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
         output.__traceback__ = None
         if error_type == "OutOfMemory":
             release_memory()
-        began = {"started_at": started_at} if started_at is not None else None
         _store(state, f"store the failure of job {job_id}",
-               lambda s: store_failure(s, job_id, message, began, error_type=error_type))
+               lambda s: store_failure(s, job_id, message, error_type=error_type,
+                                       started_at=started_at))
     elif control.stop_reason == CANCELLED:
         _store(state, f"store cancelled job {job_id}",
                lambda s: store_output(s, job_id, output, status=JobStatus.CANCELLED,
@@ -154,10 +154,9 @@ def _store_stopped(state: ProcessState, job_id: str, stopped: JobStopped,
         _store(state, f"store cancelled job {job_id}", lambda s: store_cancelled(
             s, job_id, f"cancelled {stopped.when}", started_at=started_at))
         return
-    began = {"started_at": started_at} if started_at is not None else None
     message = time_limit_message(control.time_limit, when=stopped.when)
     _store(state, f"store timed-out job {job_id}", lambda s: store_failure(
-        s, job_id, message, began, error_type="TimeLimitExceeded"))
+        s, job_id, message, error_type="TimeLimitExceeded", started_at=started_at))
 
 
 def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:

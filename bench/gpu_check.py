@@ -6,10 +6,12 @@ weights in float16, saves it with ``save_pretrained`` (about 13.5 GB), starts
 ``logprobe worker --backend hf --gpu N`` for every visible GPU on one queue, and
 submits score and generate jobs through the normal client. It prints tokens/s for
 scoring (prompt tokens scored per second) and for greedy generation (new tokens
-per second), over all GPUs and per job, from the job rows' own timestamps. Then
-issue 6's GPU targets: a sweep of ``--ratio-texts`` texts scored end to end
+per second), over all GPUs and per job, from the job rows' own timestamps, and
+Hugging Face ``generate`` alone for reference. Then issue 6's GPU targets: a sweep
+of ``--ratio-texts`` texts (and of ``--long-texts`` longer ones) scored end to end
 through the queue (rows committed) against the bare batched forward pass and the
-notebook loop on GPU 0, same model, dtype and ids (targets: >= 0.9x and >= 5x).
+notebook loop on GPU 0, same model, dtype and ids (targets: >= 0.9x and >= 5x),
+for each worker configuration of ``--worker-args``.
 
     python bench/gpu_check.py                   # on a machine with NVIDIA GPUs
     python bench/gpu_check.py --shape tiny      # a CPU smoke test of this script
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,14 +89,14 @@ def build_model(path: Path, shape: str, dtype: str) -> Path:
 
 
 def start_workers(gpus: list[int | None], queue: str, env: dict[str, str],
-                  log_dir: Path) -> list[subprocess.Popen]:
+                  log_dir: Path, extra: list[str], name: str) -> list[subprocess.Popen]:
     workers = []
     for gpu in gpus:
         args = [sys.executable, "-m", "api_client.cli", "worker", "--backend", "hf",
-                "--queues", queue, "--loglevel", "info"]
+                "--queues", queue, "--loglevel", "info", *extra]
         if gpu is not None:
             args += ["--gpu", str(gpu)]
-        log = (log_dir / f"worker-{gpu}.log").open("wb")
+        log = (log_dir / f"worker-{name}-{gpu}.log").open("wb")
         workers.append(subprocess.Popen(args, env=env, cwd=REPO_ROOT, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True))
     return workers
@@ -123,93 +126,196 @@ def stop_embedded(data_dir: Path) -> None:
             connection.shutdown(nosave=True)
 
 
-def run_batch(client: object, jobs: list, what: str, tokens_of: object) -> None:
-    """Wait for ``jobs`` and print throughput over the batch and per job."""
+def run_batch(jobs: list, what: str) -> float:
+    """Wait for ``jobs``; print throughput over the batch and per job (from the job
+    rows' own start and finish). Returns the per-job median in tokens/s."""
     started = time.monotonic()
     results = [job.result(timeout=3600) for job in jobs]
     wall = time.monotonic() - started
     infos = [job.info() for job in jobs]
-    total = sum(tokens_of(r) for r in results)
-    per_job = [tokens_of(r) / (i["finished_at"] - i["started_at"]).total_seconds()
-               for r, i in zip(results, infos, strict=True)]
+    counts = [len(r.tokens) for r in results]  # scored, or generated, tokens
+    per_job = sorted(n / (i["finished_at"] - i["started_at"]).total_seconds()
+                     for n, i in zip(counts, infos, strict=True))
     devices = sorted({f"{i['device']} ({i['device_name']}, {i['dtype']})" for i in infos})
-    print(f"{what}: {len(jobs)} jobs, {total} tokens in {wall:.1f}s = {total / wall:.1f} "
-          f"tokens/s over all workers; per job median "
-          f"{sorted(per_job)[len(per_job) // 2]:.1f} tokens/s; on {', '.join(devices)}",
-          flush=True)
+    print(f"{what}: {len(jobs)} jobs, {sum(counts)} tokens in {wall:.1f}s = "
+          f"{sum(counts) / wall:.1f} tokens/s over all workers; per job median "
+          f"{per_job[len(per_job) // 2]:.1f} tokens/s; on {', '.join(devices)}", flush=True)
+    return per_job[len(per_job) // 2]
 
 
-def scoring_ratios(client: object, queue: str, model_dir: Path, dtype: str, device: str,
-                   spec_device: str | None, args: argparse.Namespace, workers: int) -> None:
+def bare_generate(model: object, tokenizer: object, device: str, new_tokens: int) -> None:
+    """Hugging Face ``generate`` alone on PROMPT, greedy, in this process: the reference
+    for the worker's generation. Its first call is timed apart: kernels that plan per
+    shape (a decode step's key length is new at every step) pay for it then."""
+    import torch
+
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]], device=device)
+
+    def run() -> tuple[int, float]:
+        started = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             do_sample=False, max_new_tokens=new_tokens, pad_token_id=2)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        return out.shape[1] - ids.shape[1], time.perf_counter() - started
+
+    with torch.inference_mode():
+        for label, (count, seconds) in (("first call", run()),
+                                        ("best of 2 more", min(run(), run(),
+                                                               key=lambda r: r[1]))):
+            print(f"generation, Hugging Face generate alone in this process, {label}: "
+                  f"{count} tokens in {seconds:.2f}s = {1000 * seconds / count:.1f} ms per "
+                  "token", flush=True)
+
+
+def scoring_ratios(client: object, queue: str, model: object, model_dir: Path, dtype: str,
+                   device: str, spec_device: str | None, args: argparse.Namespace,
+                   worker_pids: list[int], variant: str, notebook: bool) -> None:
     """Issue 6's GPU targets: logprobe end to end (a sweep through the queue, every
     token row committed) against the bare batched forward pass (full logits, nothing
-    else) and the notebook loop (one ``model(ids, labels=ids)`` and log-softmax per
-    text), both run in this process on ``device`` with the same model, dtype and token
-    ids. Texts have the lengths of the CPU benchmark's paragraphs (random ids: the
-    GPT-2 tokenizer's ids run past this vocabulary). Methods interleaved, medians."""
+    else) and, if ``notebook``, the notebook loop (one ``model(ids, labels=ids)`` and
+    log-softmax per text), both run in this process on ``device`` with the same model,
+    dtype and token ids. First on ``--ratio-texts`` texts with the lengths of the CPU
+    benchmark's paragraphs (random ids: the GPT-2 tokenizer's ids run past this
+    vocabulary), then on ``--long-texts`` texts of ``--long-length`` tokens. Methods
+    interleaved, medians."""
+    from bench.corpus import paragraphs
+    from tests.tiny_models import gpt2_tokenizer
+
+    runs = {}
+    if args.ratio_texts:
+        runs["paragraphs"] = [len(ids) + 1 for ids in gpt2_tokenizer()(  # + 1: BOS, as there
+            paragraphs(args.ratio_texts), add_special_tokens=False)["input_ids"]]
+    if args.long_texts:
+        runs[f"{args.long_length}-token texts"] = [args.long_length] * args.long_texts
+    for what, lengths in runs.items():
+        profile = args.profile_worker and args.profile_worker.with_name(
+            f"{args.profile_worker.name}-{variant}-{what.split()[0]}")
+        compare_scoring(client, queue, model, model_dir, dtype, device, spec_device, lengths,
+                        what, args, worker_pids, variant, profile, notebook)
+
+
+def compare_scoring(client: object, queue: str, model: object, model_dir: Path, dtype: str,
+                    device: str, spec_device: str | None, lengths: list[int], what: str,
+                    args: argparse.Namespace, worker_pids: list[int], variant: str,
+                    profile: Path | None, notebook: bool) -> None:
+    """The three methods on texts of ``lengths`` (BOS, then random ids) in interleaved
+    rounds; prints the table and the end-to-end rounds' timelines."""
     import statistics
 
     import torch
-    from transformers import AutoModelForCausalLM
 
     from api_client.specs import ScoreSpec
-    from bench.corpus import paragraphs
     from bench.throughput import (
         bare_batched_forward,
         notebook_loop,
         sweep_token_rows,
         wait_all_succeeded,
     )
-    from tests.tiny_models import gpt2_tokenizer
     from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget
 
-    lengths = [len(ids) + 1 for ids in gpt2_tokenizer()(  # + 1: BOS, as there
-        paragraphs(args.ratio_texts), add_special_tokens=False)["input_ids"]]
     rng = random.Random(1)
     vocab = SHAPES[args.shape]["vocab_size"]
     id_lists = [[1, *(rng.randrange(3, vocab) for _ in range(n - 1))] for n in lengths]
     n_scored = sum(n - 1 for n in lengths)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    model = model.to(device).eval()
     plan = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[torch.device(device).type]).plan(lengths)
+
+    timelines: list[str] = []
 
     def end_to_end() -> None:
         sweep_id = uuid.uuid4().hex
-        client.submit_many([ScoreSpec(model=str(model_dir), token_ids=ids, dtype=dtype,
-                                      device=spec_device, reuse=False)
-                            for ids in id_lists], sweep_id=sweep_id, queue=queue)
+        specs = [ScoreSpec(model=str(model_dir), token_ids=ids, dtype=dtype,
+                           device=spec_device, reuse=False) for ids in id_lists]
+        submitted = time.time()
+        client.submit_many(specs, sweep_id=sweep_id, queue=queue)
+        sent = time.time()
         # GPU rounds are short: poll every 20 ms, not the CPU benchmark's 50.
         wait_all_succeeded(client, sweep_id, len(id_lists), interval=0.02)
+        seen = time.time()
         rows = sweep_token_rows(client, sweep_id)
         assert rows == n_scored + len(id_lists), (rows, n_scored + len(id_lists))
+        timelines.append(sweep_timeline(client, sweep_id, submitted, sent, seen))
 
     methods = {"bare batched forward (full logits, nothing else)":
-                   lambda: bare_batched_forward(model, id_lists, plan, 2, device),
-               "notebook loop (model(ids, labels=ids) + log_softmax)":
-                   lambda: notebook_loop(model, id_lists, device),
-               f"logprobe end to end ({workers} worker(s), rows committed)": end_to_end}
-    for fn in methods.values():  # warm-up: kernels, allocator, the workers' first batch
-        fn()
+                   lambda: bare_batched_forward(model, id_lists, plan, 2, device)}
+    if notebook:
+        methods["notebook loop (model(ids, labels=ids) + log_softmax)"] = (
+            lambda: notebook_loop(model, id_lists, device))
+    methods[f"logprobe end to end ({len(worker_pids)} worker(s), {variant}, rows committed)"] = (
+        end_to_end)
+    # Warm-up: kernels, allocator, the workers' first batch (the notebook loop on a few
+    # texts: its kernels are the same for all).
+    bare_batched_forward(model, id_lists, plan, 2, device)
+    if notebook:
+        notebook_loop(model, id_lists[:16], device)
+    end_to_end()
+    timelines.clear()
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.ratio_rounds):
-        for name, fn in methods.items():
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
+    with profiled(worker_pids, profile):
+        for _ in range(args.ratio_rounds):
+            for name, fn in methods.items():
+                started = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - started)
     med = {name: statistics.median(t) for name, t in times.items()}
-    bare, notebook, ours = med.values()
-    print(f"\nscoring {len(id_lists)} texts, {n_scored} scored tokens, {dtype} on {device}, "
-          f"{args.ratio_rounds} rounds (medians):", flush=True)
-    print("| method | median s | tokens/s | vs bare forward | vs notebook loop |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    bare, ours = med[next(iter(med))], med[list(med)[-1]]
+    notebook_s = med.get("notebook loop (model(ids, labels=ids) + log_softmax)")
+    print(f"\nscoring {len(id_lists)} texts ({what}), {n_scored} scored tokens, {dtype} on "
+          f"{device}, {args.ratio_rounds} rounds (medians):", flush=True)
+    print("| method | median s | tokens/s | vs bare forward |"
+          + (" vs notebook loop |" if notebook_s else ""))
+    print("| --- | ---: | ---: | ---: |" + (" ---: |" if notebook_s else ""))
     for name, seconds in med.items():
-        print(f"| {name} | {seconds:.2f} | {n_scored / seconds:.0f} | {bare / seconds:.2f}x "
-              f"| {notebook / seconds:.2f}x |")
+        print(f"| {name} | {seconds:.2f} | {n_scored / seconds:.0f} | {bare / seconds:.2f}x |"
+              + (f" {notebook_s / seconds:.2f}x |" if notebook_s else ""))
     print(f"issue 6 on this device: end to end {bare / ours:.2f}x the bare forward "
-          f"(target >= 0.9x), {notebook / ours:.2f}x the notebook loop (target >= 5x); "
-          "all rounds (s): " + "; ".join(
+          "(target >= 0.9x)" + (f", {notebook_s / ours:.2f}x the notebook loop (target >= 5x)"
+                                if notebook_s else "") + "; all rounds (s): " + "; ".join(
               f"{name.split(' (')[0]}: {', '.join(f'{t:.2f}' for t in ts)}"
               for name, ts in times.items()), flush=True)
+    print("end-to-end rounds, from the job rows' own timestamps:\n  " + "\n  ".join(timelines),
+          flush=True)
+
+
+def sweep_timeline(client: object, sweep_id: str, submitted: float, sent: float,
+                   seen: float) -> str:
+    """Where a round's wall time went: submitting, waiting for the worker's first
+    job to start, the worker's span from its first job's start to its last job's
+    finish, and noticing the end (the poll)."""
+    from sqlalchemy import func, select
+
+    from api_client.schema import Job
+
+    with client.session() as session:
+        first, last = session.execute(select(func.min(Job.started_at), func.max(
+            Job.finished_at)).where(Job.sweep_id == sweep_id)).one()
+    first_s, last_s = (t.replace(tzinfo=t.tzinfo or timezone.utc).timestamp()  # naive: UTC
+                       for t in (first, last))
+    return (f"submit {sent - submitted:.3f}s, to first start {first_s - sent:.3f}s, "
+            f"worker span {last_s - first_s:.3f}s, end noticed after {seen - last_s:.3f}s")
+
+
+@contextlib.contextmanager
+def profiled(pids: list[int], path: Path | None):
+    """``py-spy record`` of the worker processes (and their pool children) while the
+    block runs, written to ``path`` in py-spy's raw (collapsed stacks) format."""
+    if path is None:
+        yield
+        return
+    import signal
+
+    spies = [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses",
+                               "--rate", "200", "--format", "raw", "--nonblocking",
+                               "-o", f"{path}.{pid}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT) for pid in pids]
+    time.sleep(1.0)  # let it attach
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(60)
 
 
 def main() -> int:
@@ -226,6 +332,18 @@ def main() -> int:
                         help="texts for the end-to-end / bare forward / notebook comparison "
                              "(0 skips it)")
     parser.add_argument("--ratio-rounds", type=int, default=3)
+    parser.add_argument("--long-texts", type=int, default=0,
+                        help="then the same comparison on this many texts of --long-length "
+                             "tokens (0: skip)")
+    parser.add_argument("--long-length", type=int, default=512)
+    parser.add_argument("--worker-args", action="append", metavar="ARGS",
+                        help="extra `logprobe worker` arguments of one worker configuration "
+                             "to compare, e.g. '--concurrency 2' (repeat for several; "
+                             "default: one configuration, the defaults). Generation and the "
+                             "notebook loop run with the first only")
+    parser.add_argument("--profile-worker", type=Path, metavar="PATH",
+                        help="py-spy the workers during generation and the timed comparison "
+                             "rounds (collapsed stacks to PATH-<phase>.<pid>; needs py-spy)")
     args = parser.parse_args()
 
     n_gpus = gpu_count()
@@ -251,43 +369,78 @@ def main() -> int:
         print(f"{n_gpus} GPU(s): " + ", ".join(torch.cuda.get_device_name(i)
                                                for i in range(n_gpus)), flush=True)
 
+    import shlex
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from api_client import Client
 
     queue = f"logprobe.hf.gpu-check-{os.getpid()}"
-    workers = start_workers(gpus, queue, env, work)
+    device = "cuda:0" if n_gpus else "cpu"
+    spec_device = None if n_gpus else "cpu"
+    options = {"model": str(model_dir), "dtype": dtype, "device": spec_device}
+    reference = None  # this process's copy of the model, for the references
     try:
         with Client(queue=queue) as client:
-            device = None if n_gpus else "cpu"
-            options = {"model": str(model_dir), "dtype": dtype, "device": device}
-            # Warm up: every worker loads the model once (not timed).
-            started = time.monotonic()
-            warm = [client.score(PROMPT, **options) for _ in gpus]
-            for job in warm:
-                job.result(timeout=1800)
-            print(f"workers up, model loaded in {time.monotonic() - started:.0f}s", flush=True)
-
-            rng = random.Random(0)
-            vocab = SHAPES[args.shape]["vocab_size"]
-            score_jobs = [
-                client.score(token_ids=[rng.randrange(3, vocab) for _ in range(args.score_tokens)],
-                             **options)
-                for _ in range(args.score_jobs * len(gpus))
-            ]
-            run_batch(client, score_jobs, "scoring", lambda r: len(r.tokens))
-
-            gen_jobs = [client.generate(PROMPT, max_new_tokens=args.new_tokens, **options)
-                        for _ in range(args.generate_jobs * len(gpus))]
-            run_batch(client, gen_jobs, "generation", lambda r: len(r.tokens))
-            if args.ratio_texts:
-                scoring_ratios(client, queue, model_dir, dtype, "cuda:0" if n_gpus else "cpu",
-                               device, args, len(gpus))
+            for number, variant_args in enumerate(args.worker_args or [""]):
+                variant = "-".join(a.strip("-") for a in shlex.split(variant_args)) or "default"
+                command = " ".join(["logprobe worker --backend hf --gpu N",
+                                    *shlex.split(variant_args)])
+                print(f"\n== workers: `{command}`", flush=True)
+                workers = start_workers(gpus, queue, env, work, shlex.split(variant_args),
+                                        variant)
+                try:
+                    # Warm up: every pool process loads the model once (not timed).
+                    started = time.monotonic()
+                    warm = [client.score(PROMPT, reuse=False, **options)
+                            for _ in range(8 * len(gpus))]
+                    for job in warm:
+                        job.result(timeout=1800)
+                    print(f"workers up, model loaded in {time.monotonic() - started:.0f}s",
+                          flush=True)
+                    if reference is None:
+                        reference = AutoModelForCausalLM.from_pretrained(
+                            model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+                    if number == 0:
+                        worker_throughput(client, options, args, gpus,
+                                          [w.pid for w in workers], variant)
+                        bare_generate(reference, AutoTokenizer.from_pretrained(model_dir),
+                                      device, args.new_tokens)
+                    if args.ratio_texts or args.long_texts:
+                        scoring_ratios(client, queue, reference, model_dir, dtype, device,
+                                       spec_device, args, [w.pid for w in workers], variant,
+                                       notebook=number == 0)
+                finally:
+                    stop_workers(workers)
     finally:
-        stop_workers(workers)
         if not os.environ.get("LOGPROBE_REDIS_URL"):
             stop_embedded(Path(env["LOGPROBE_HOME"]) / "redis")
         if args.model_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def worker_throughput(client: object, options: dict, args: argparse.Namespace,
+                      gpus: list[int | None], pids: list[int], variant: str) -> None:
+    """Long score jobs, then greedy generation jobs, twice."""
+    rng = random.Random(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    score_jobs = [client.score(token_ids=[rng.randrange(3, vocab)
+                                          for _ in range(args.score_tokens)], **options)
+                  for _ in range(args.score_jobs * len(gpus))]
+    run_batch(score_jobs, "scoring")
+    profile = args.profile_worker and args.profile_worker.with_name(
+        f"{args.profile_worker.name}-{variant}-generation")
+    with profiled(pids, profile):
+        # The same greedy jobs twice (reuse off: each runs): the first round meets each
+        # decode step's shape for the first time in the worker, the second again.
+        for label in ("first", "second, same prompt"):
+            jobs = [client.generate(PROMPT, max_new_tokens=args.new_tokens, reuse=False,
+                                    **options)
+                    for _ in range(args.generate_jobs * len(gpus))]
+            per_job = run_batch(jobs, f"generation ({label})")
+            print(f"generation ({label}): {1000 / per_job:.1f} ms per new token per job",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ method gets one untimed call first (the worker's was its model load), then the
 methods run interleaved, ``--repeats`` rounds, each round starting one method later;
 the table shows medians. Then tiny
 probes (a 2-layer model, <= 16 tokens) end to end against a trivial Celery task
-per probe, the worker's memory over a long sweep, and PostgreSQL row ingestion.
+per probe, the worker's memory over a long sweep, and token-row ingestion into
+PostgreSQL and SQLite.
 Needs Redis and PostgreSQL (URLs below); writes nothing outside temp dirs and its
 own throwaway database. See docs/throughput.md.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -582,6 +584,31 @@ def _wait_counter(counter: Any, n: int, timeout: float = 600) -> None:
 
 
 def ingestion_section(args: argparse.Namespace, db_url: str) -> None:
+    """Token rows into PostgreSQL and into a SQLite file, the bulk path against
+    SQLAlchemy's executemany, interleaved, medians."""
+    from api_client.database import ensure_schema, make_engine
+
+    sqlite_dir = Path(tempfile.mkdtemp(prefix="logprobe-bench-sqlite-"))
+    sqlite_engine = make_engine(f"sqlite:///{sqlite_dir / 'ingest.sqlite'}")
+    ensure_schema(sqlite_engine)
+    sqlite_engine.dispose()
+    databases = {"PostgreSQL": (db_url, "psycopg 3 COPY (logprobe's bulk path)"),
+                 "SQLite": (f"sqlite:///{sqlite_dir / 'ingest.sqlite'}",
+                            "sqlite3 executemany on row tuples (logprobe's bulk path)")}
+    for name, (url, bulk_label) in databases.items():
+        rates = ingestion_rates(args, url, name)
+        print(f"\n### {name} token-row ingestion ({args.ingest_rows} rows per run, one "
+              "transaction)\n")
+        print("| method | median rows/s |")
+        print("| --- | ---: |")
+        for method, values in rates.items():
+            label = bulk_label if method == "bulk" else (
+                "SQLAlchemy executemany (a parameter dictionary per row)")
+            print(f"| {label} | {statistics.median(values):,.0f} |")
+    shutil.rmtree(sqlite_dir, ignore_errors=True)
+
+
+def ingestion_rates(args: argparse.Namespace, db_url: str, name: str) -> dict[str, list[float]]:
     from sqlalchemy import insert
 
     from api_client.bulk_insert import insert_rows
@@ -593,7 +620,7 @@ def ingestion_section(args: argparse.Namespace, db_url: str) -> None:
     sessions = make_sessionmaker(engine)
     per_job = 1000
     n_jobs = args.ingest_rows // per_job
-    rates: dict[str, list[float]] = {"COPY": [], "executemany": []}
+    rates: dict[str, list[float]] = {"bulk": [], "executemany": []}
     for round_ in range(args.repeats):
         for method in rates:
             ids = [uuid.uuid4().hex for _ in range(n_jobs)]
@@ -605,22 +632,15 @@ def ingestion_section(args: argparse.Namespace, db_url: str) -> None:
                     for job_id in ids for p in range(per_job)]
             start = time.perf_counter()
             with sessions() as session, session.begin():
-                if method == "COPY":
+                if method == "bulk":
                     insert_rows(session, Token, TOKEN_COLUMNS, rows)
                 else:
                     session.execute(insert(Token),
                                     [dict(zip(TOKEN_COLUMNS, r, strict=True)) for r in rows])
             rates[method].append(len(rows) / (time.perf_counter() - start))
-            log(f"ingest round {round_ + 1}: {method}: {rates[method][-1]:.0f} rows/s")
+            log(f"ingest round {round_ + 1}: {name} {method}: {rates[method][-1]:.0f} rows/s")
     engine.dispose()
-    print(f"\n### PostgreSQL token-row ingestion ({args.ingest_rows} rows per run, one "
-          "transaction)\n")
-    print("| method | median rows/s |")
-    print("| --- | ---: |")
-    for method, values in rates.items():
-        label = ("psycopg 3 COPY (logprobe's bulk path)" if method == "COPY"
-                 else "SQLAlchemy executemany (insertmanyvalues)")
-        print(f"| {label} | {statistics.median(values):,.0f} |")
+    return rates
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

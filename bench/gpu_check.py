@@ -387,8 +387,11 @@ def main() -> int:
                 command = " ".join(["logprobe worker --backend hf --gpu N",
                                     *shlex.split(variant_args)])
                 print(f"\n== workers: `{command}`", flush=True)
-                workers = start_workers(gpus, queue, env, work, shlex.split(variant_args),
-                                        variant)
+                # A queue per configuration: messages a stopped worker had prefetched
+                # go back to its queue, not to the next configuration's.
+                client.queue = f"{queue}-{number}"
+                workers = start_workers(gpus, client.queue, env, work,
+                                        shlex.split(variant_args), variant)
                 try:
                     # Warm up: every pool process loads the model once (not timed).
                     started = time.monotonic()
@@ -407,7 +410,7 @@ def main() -> int:
                         bare_generate(reference, AutoTokenizer.from_pretrained(model_dir),
                                       device, args.new_tokens)
                     if args.ratio_texts or args.long_texts:
-                        scoring_ratios(client, queue, reference, model_dir, dtype, device,
+                        scoring_ratios(client, client.queue, reference, model_dir, dtype, device,
                                        spec_device, args, [w.pid for w in workers], variant,
                                        notebook=number == 0)
                 finally:

@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
+from api_client.database import make_engine, make_sessionmaker
 from tests.helpers import WorkerProcess, create_postgres_database, drop_postgres_database
 
 REDIS_URL = os.environ.get("LOGPROBE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -115,6 +118,19 @@ def make_database(kind: str, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield from make_database(request.param, tmp_path)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """An engine on a fresh database of each kind (see ``database_url``)."""
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_sessionmaker(engine)
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres",

@@ -5,37 +5,20 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_client.bulk_insert import insert_rows
-from api_client.database import make_engine, make_sessionmaker
 from api_client.schema import Job, JobStatus, Token
-from tests.conftest import make_database
 from worker.output_rows import TOKEN_COLUMNS
 
 JOB_COLUMNS = ("id", "kind", "backend", "model", "status", "spec", "queue", "seed",
                "config_hash", "partial", "time_limit", "sweep_id", "spec_hash", "attempts",
                "created_at")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    for url in make_database(request.param, tmp_path):
-        engine = make_engine(url)
-        yield engine
-        engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_sessionmaker(engine)
 
 
 def job_row(n: int) -> tuple[object, ...]:

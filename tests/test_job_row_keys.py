@@ -23,19 +23,6 @@ from tests import helpers
 from tests.conftest import make_database
 from worker.output_rows import TOKEN_COLUMNS, TOP_COLUMNS
 
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_sessionmaker(engine)
-
-
 # The bulk path writes through the driver (psycopg's COPY), whose errors SQLAlchemy
 # does not wrap.
 INTEGRITY_ERRORS = (IntegrityError, psycopg.IntegrityError)

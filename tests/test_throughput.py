@@ -6,10 +6,12 @@ parametrized), on tiny GPT-2 and LLaMA models built offline. Benchmarks live in
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
 import uuid
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 
@@ -114,6 +116,56 @@ def test_pool_processes_share_the_cpus(tmp_path: Path, redis_url: str, tiny_gpt2
         want = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
         assert torch.allclose(torch.tensor([t.logprob for t in result.tokens[1:]]), want,
                               atol=TOL, rtol=0)
+
+
+def test_a_thread_pool_runs_messages_side_by_side_on_one_model(
+        tmp_path: Path, redis_url: str, tiny_gpt2: str) -> None:
+    """``--pool threads --concurrency 2`` on the hf backend (one process, one copy of
+    the model, one message's CPU work beside the other's forward pass on a GPU): two
+    threads load the model once, and score and generate jobs from many small messages,
+    stored concurrently into one SQLite file, come out as the reference says."""
+    database = next(make_database("sqlite", tmp_path))
+    worker = WorkerProcess(backend="hf", queue=f"logprobe.hf.test-{uuid.uuid4().hex[:8]}",
+                           redis_url=redis_url, database_url=database, log_dir=tmp_path,
+                           extra_args=["--pool", "threads", "--concurrency", "2"]).start()
+    texts = [f"{text} ({n})" for n in range(4) for text in TEXTS]
+    try:
+        with worker.client(chunk_size=2) as client:
+            scored = client.score_many(texts, model=tiny_gpt2, top_logprobs=2)
+            generated = [client.generate(text, model=tiny_gpt2, max_new_tokens=8)
+                         for text in TEXTS[:4]]
+            results = [job.result(timeout=120) for job in scored]
+            continuations = [job.result(timeout=120) for job in generated]
+    finally:
+        worker.stop()
+    log = worker.log_text()
+    assert len(re.findall(r"loading model ", log)) == 1  # one load for both threads
+    assert "Traceback" not in log
+    # Two messages ran at once (the first two both wait for that one load).
+    spans = sorted((end - seconds, end) for end, seconds in (
+        (datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp(), float(seconds))
+        for stamp, seconds in re.findall(
+            r"\[([\d-]+ [\d:,]+): INFO/\w+\] Task \S+ succeeded in ([\d.]+)s", log)))
+    assert any(later[0] < earlier[1] - 0.1 for earlier, later in itertools.pairwise(spans))
+    for text, result in zip(texts, results, strict=True):
+        ids, logprobs = reference_logprobs(tiny_gpt2, text)
+        assert [t.token_id for t in result.tokens] == ids
+        want = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor([t.logprob for t in result.tokens[1:]]), want,
+                              atol=TOL, rtol=0)
+        assert [[a.token_id for a in t.top_logprobs] for t in result.tokens[1:]] == (
+            torch.topk(logprobs, 2).indices.tolist())
+    model, tok = reference(tiny_gpt2)
+    for text, result in zip(TEXTS[:4], continuations, strict=True):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=8, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+            scores = model.compute_transition_scores(out.sequences, out.scores,
+                                                     normalize_logits=True)[0]
+        assert [t.token_id for t in result.tokens] == out.sequences[0, ids.shape[1]:].tolist()
+        assert [t.logprob for t in result.tokens] == pytest.approx(scores.tolist(), abs=TOL)
 
 
 def test_math_threads_are_left_alone_where_set_or_not_split() -> None:

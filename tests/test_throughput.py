@@ -168,6 +168,39 @@ def test_a_thread_pool_runs_messages_side_by_side_on_one_model(
         assert [t.logprob for t in result.tokens] == pytest.approx(scores.tolist(), abs=TOL)
 
 
+@pytest.mark.parametrize("early", [True, False], ids=["store-while-computing", "at-the-end"])
+def test_batches_are_stored_while_the_next_computes(
+        tmp_path: Path, redis_url: str, tiny_gpt2: str, early: bool) -> None:
+    """A message of 12 texts in batches of a few (a 96-token budget): with the store
+    thread on (the default) a batch's jobs are committed while later batches compute,
+    so some job finished before another began, as the job rows' own times say; with
+    ``LOGPROBE_STORE_WHILE_COMPUTING=0`` every job is stored once the message's last
+    batch is done. Either way the rows are the reference's."""
+    database = next(make_database("sqlite", tmp_path))
+    env = {"LOGPROBE_BATCH_TOKENS": "96", "LOGPROBE_STORE_WHILE_COMPUTING": str(int(early))}
+    worker = WorkerProcess(backend="hf", queue=f"logprobe.hf.test-{uuid.uuid4().hex[:8]}",
+                           redis_url=redis_url, database_url=database, log_dir=tmp_path,
+                           env=env).start()
+    texts = [f"{TEXTS[n % len(TEXTS)]} (text {n})" for n in range(12)]
+    try:
+        with worker.client(chunk_size=len(texts)) as client:
+            client.score("load the model first", model=tiny_gpt2).result(timeout=120)
+            jobs = client.score_many(texts, model=tiny_gpt2)
+            results = [job.result(timeout=120) for job in jobs]
+            infos = [job.info() for job in jobs]
+    finally:
+        worker.stop()
+    assert max(info["batch_size"] for info in infos) < len(texts)  # several batches
+    first_finish = min(info["finished_at"] for info in infos)
+    last_start = max(info["started_at"] for info in infos)
+    assert (first_finish < last_start) is early
+    for text, result in zip(texts, results, strict=True):
+        ids, logprobs = reference_logprobs(tiny_gpt2, text)
+        want = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor([t.logprob for t in result.tokens[1:]]), want,
+                              atol=TOL, rtol=0)
+
+
 def test_math_threads_are_left_alone_where_set_or_not_split() -> None:
     assert pool_math_threads("hf", "prefork", 2, {}, cpus=16) == 8
     assert pool_math_threads("hf", "prefork", 3, {}, cpus=2) == 1

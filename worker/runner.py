@@ -10,9 +10,10 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -215,27 +216,79 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
             jobs, waiting, twins = _settle_twins(state, waiting, twins)
 
 
+class EarlyStore:
+    """Stores the plain successes of each batch the backend hands on (``on_ready``) on
+    one background thread, in one transaction a batch, while the backend computes the
+    next: on a GPU the next forward pass runs while the last batch's rows are written.
+    :meth:`stored` waits for the writes and returns the ids written; a batch whose
+    write the database refused is left to the caller (job by job, as at the end); a
+    database that stayed unreachable is re-raised there."""
+
+    def __init__(self, state: ProcessState, jobs: list[ClaimedJob]) -> None:
+        self.state = state
+        self.jobs = jobs
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._writes: list[Future[set[str]]] = []
+
+    def __call__(self, indices: Sequence[int],
+                 outputs: Sequence[ProbeOutput | Exception]) -> None:
+        plain = []
+        for index, output in zip(indices, outputs, strict=True):
+            job_id, _, control = self.jobs[index]
+            output = _refuse_nan(output)
+            if _is_plain(output, control):
+                plain.append((job_id, output))
+        if plain:
+            values = {job_id: _job_values(spec, control) for job_id, spec, control in
+                      (self.jobs[index] for index in indices)}
+            self._writes.append(self._pool.submit(_store_batch, self.state, plain, values))
+
+    def stored(self) -> set[str]:
+        self._pool.shutdown(wait=True)
+        written: set[str] = set()
+        unavailable: DatabaseUnavailable | None = None
+        for write in self._writes:
+            try:
+                written |= write.result()
+            except DatabaseUnavailable as exc:
+                unavailable = exc
+        if unavailable is not None:
+            raise unavailable
+        return written
+
+
+def _is_plain(output: ProbeOutput | Exception, control: JobControl
+              ) -> TypeGuard[ProbeOutput]:
+    """A success stored in bulk: not failed, not stopped, no logits artifact to write."""
+    return (not isinstance(output, Exception) and control.stop_reason is None
+            and output.logits is None and not output.artifacts)
+
+
 def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob],
                    waiting: list[ClaimedJob]) -> None:
-    """Run ``jobs`` on their backend and store every outcome. The cancel flags of the
+    """Run ``jobs`` on their backend and store every outcome, batches the backend hands
+    on early while it computes the rest (:class:`EarlyStore`). The cancel flags of the
     ``waiting`` twins are watched meanwhile (and their heartbeats written)."""
     outputs: list[ProbeOutput | Exception]
-    with monitoring([(spec, control) for _, spec, control in (*jobs, *waiting)]):
-        try:
-            backend = get_backend(backend_name, **state.backend_options(backend_name))
-            outputs = backend.run([spec for _, spec, _ in jobs])
-        except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
-            log.exception("backend %s failed", backend_name)
-            outputs = [exc] * len(jobs)
+    early = EarlyStore(state, jobs) if state.options.store_while_computing else None
+    try:
+        with monitoring([(spec, control) for _, spec, control in (*jobs, *waiting)]):
+            try:
+                backend = get_backend(backend_name, **state.backend_options(backend_name))
+                outputs = backend.run([spec for _, spec, _ in jobs], on_ready=early)
+            except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
+                log.exception("backend %s failed", backend_name)
+                outputs = [exc] * len(jobs)
+    finally:
+        stored_early = early.stored() if early is not None else set()
     returned = time.monotonic()
     outputs = [_refuse_nan(output) for output in outputs]
     # Plain successes in one bulk transaction; failures, stopped and logits jobs alone.
     plain = [(job_id, output) for (job_id, _, control), output in zip(jobs, outputs,
                                                                       strict=True)
-             if not isinstance(output, Exception) and control.stop_reason is None
-             and output.logits is None and not output.artifacts]
-    stored = _store_batch(state, plain, {job_id: _job_values(spec, control)
-                                         for job_id, spec, control in jobs})
+             if job_id not in stored_early and _is_plain(output, control)]
+    stored = stored_early | _store_batch(state, plain, {job_id: _job_values(spec, control)
+                                                        for job_id, spec, control in jobs})
     for (job_id, _, control), output in zip(jobs, outputs, strict=True):
         if job_id in stored:
             continue

@@ -8,7 +8,7 @@ Celery or the database: tasks route, persistence stores, backends compute.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,14 +43,24 @@ class ProbeOutput:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: ``on_ready(indices, outputs)``: outputs of ``specs[i]`` for ``i`` in ``indices``.
+OutputsReady = Callable[[Sequence[int], Sequence[ProbeOutput | Exception]], None]
+
+
 class Backend(ABC):
     """One kind of model server. Instances live as long as their worker process."""
 
     name: str
 
     @abstractmethod
-    def run(self, specs: Sequence[AnySpec]) -> list[ProbeOutput | Exception]:
+    def run(self, specs: Sequence[AnySpec], on_ready: OutputsReady | None = None
+            ) -> list[ProbeOutput | Exception]:
         """Run a batch of probes; one output or exception per spec, in order.
+
+        ``on_ready``, if given, is called with ``(indices into specs, their outputs)``
+        as soon as some outputs are final, while the rest still run (a backend that
+        has them only at the end may never call it); ``run`` returns every output
+        anyway. The worker stores those outputs meanwhile.
 
         Score probes: per-token logprobs where token *i* gets
         ``log_softmax(logits[i-1])[token_i]`` in float32, and ``loss`` = their mean

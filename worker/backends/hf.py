@@ -20,7 +20,7 @@ import torch
 from api_client.specs import ScoreSpec
 
 from ..control import control_for
-from .base import AnySpec, Backend, ProbeOutput
+from .base import AnySpec, Backend, OutputsReady, ProbeOutput
 from .hf_generate import generate
 from .hf_interrupt import all_should_stop, stop_when
 from .hf_models import ModelCache, auto_device
@@ -53,7 +53,10 @@ class HFBackend(Backend):
             os.environ.get("LOGPROBE_BATCH_TOKENS", DEFAULT_BATCH_TOKENS.get(device, 1024))
         ))
 
-    def run(self, specs: Sequence[AnySpec]) -> list[ProbeOutput | Exception]:
+    def run(self, specs: Sequence[AnySpec], on_ready: OutputsReady | None = None
+            ) -> list[ProbeOutput | Exception]:
+        """Score probes batched per model (``on_ready`` after each forward pass's
+        batch), then the other probes one by one (``on_ready`` after each)."""
         outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
         score_groups: dict[tuple[Any, ...], list[int]] = {}
         for index, spec in enumerate(specs):
@@ -63,13 +66,24 @@ class HFBackend(Backend):
                 score_groups.setdefault(key, []).append(index)
         for indices in score_groups.values():
             group = [specs[i] for i in indices]
+            done: dict[int, ProbeOutput | Exception] = {}  # group index -> final output
+
+            def batch_ready(local: Sequence[int], results: Sequence[ProbeOutput | Exception],
+                            indices: list[int] = indices,
+                            done: dict[int, ProbeOutput | Exception] = done) -> None:
+                done.update(zip(local, results, strict=True))
+                if on_ready is not None:
+                    on_ready([indices[i] for i in local], results)
+
             try:
                 lm = self.models.get(group[0].model, group[0].revision, group[0].dtype,
                                      group[0].device, device_map=group[0].device_map)
-                results = score_batch(lm, group, self.batch_budget)  # type: ignore[arg-type]
+                results = score_batch(lm, group, self.batch_budget,  # type: ignore[arg-type]
+                                      on_batch=batch_ready)
             except Exception as exc:  # e.g. the model does not load: fail the group
                 log.info("jobs failed: %s: %s", type(exc).__name__, exc)
-                results = [exc] * len(group)
+                # (batches handed on before it broke keep their outputs)
+                results = [done.get(i, exc) for i in range(len(group))]
             for i, result in zip(indices, results, strict=True):
                 outputs[i] = result
         for index, spec in enumerate(specs):
@@ -80,6 +94,8 @@ class HFBackend(Backend):
             except Exception as exc:  # one bad job must not sink the others
                 log.info("job failed: %s: %s", type(exc).__name__, exc)
                 outputs[index] = exc
+            if on_ready is not None:
+                on_ready([index], [outputs[index]])  # type: ignore[list-item]
         return [out for out in outputs if out is not None]
 
     def identity(self, spec: AnySpec) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from api_client.results import SequenceResult
 from api_client.specs import ScoreSpec
 
 from ..control import JobStopped, control_for
-from .base import ProbeOutput
+from .base import OutputsReady, ProbeOutput
 from .hf_batch_logprobs import TextLogprobs, batch_token_logprobs
 from .hf_common import (
     alternatives_from_topk,
@@ -152,15 +152,17 @@ def run_with_backoff(
 
 def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
                 budget: BatchBudget | None = None, *, chunk_rows: int | None = None,
-                head_only: bool | None = None,
-                vocabulary_tile: int | None = None) -> list[ProbeOutput | Exception]:
+                head_only: bool | None = None, vocabulary_tile: int | None = None,
+                on_batch: OutputsReady | None = None) -> list[ProbeOutput | Exception]:
     """Score many texts on one model in length-bucketed, padded batches.
 
     Each output equals :func:`score` of its spec alone (float32, within 1e-5);
     ``provenance["batch_size"]`` is the number of texts in the forward pass it ran in.
     ``chunk_rows``, ``head_only`` and ``vocabulary_tile`` go to
     :func:`batch_token_logprobs`; the defaults suit the model and device
-    (``head_only=False`` forces the full forward pass).
+    (``head_only=False`` forces the full forward pass). ``on_batch(indices, outputs)``
+    gets each batch's outputs as soon as its forward pass is done (texts that could
+    not be prepared are handed on first).
     """
     budget = budget or BatchBudget()
     outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
@@ -176,6 +178,9 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
             prepared.append((index, ids))
         except Exception as exc:
             outputs[index] = exc
+    refused = [i for i, out in enumerate(outputs) if out is not None]
+    if on_batch is not None and refused:
+        on_batch(refused, [outputs[i] for i in refused])  # type: ignore[misc]
     provenance = lm.provenance()
     plan = budget.plan([len(ids) for _, ids in prepared])
     for batch_indices in plan:
@@ -212,6 +217,9 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
                     )
                 else:
                     outputs[index] = result[position]
+        if on_batch is not None:
+            batch = [prepared[i][0] for i in batch_indices]
+            on_batch(batch, [outputs[i] for i in batch])  # type: ignore[misc]
     return [out if out is not None else RuntimeError("not scored") for out in outputs]
 
 

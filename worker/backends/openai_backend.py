@@ -43,7 +43,7 @@ from api_client.specs import GenerateSpec
 
 from ..control import JobControl, JobStopped, control_for
 from ..ratelimit import AdmissionAbandoned, GlobalRateLimiter, RateLimits
-from .base import AnySpec, Backend, ProbeOutput
+from .base import AnySpec, Backend, OutputsReady, ProbeOutput
 from .openai_parse import parse_response
 from .openai_payload import OpenAIRequest, build_request
 from .openai_retry import RETRY_STATUSES, RetryPolicy, retry_after_seconds
@@ -183,9 +183,12 @@ class OpenAIBackend(Backend):
         self.redis = redis_client(url)
         self.limiter = GlobalRateLimiter(self.redis, limits or RateLimits.from_env())
 
-    def run(self, specs: Sequence[AnySpec]) -> list[ProbeOutput | Exception]:
+    def run(self, specs: Sequence[AnySpec], on_ready: OutputsReady | None = None
+            ) -> list[ProbeOutput | Exception]:
         """The jobs' requests, up to ``concurrency`` in flight (each still admitted by
-        the global rate limit); outputs in the order of ``specs``."""
+        the global rate limit); outputs in the order of ``specs``, all at the end
+        (``on_ready`` is not called: the requests wait on the network, not on the
+        worker's CPU)."""
         # The controls are found in this thread's context, not in the pool's threads.
         controls = [control_for(spec) for spec in specs]
         workers = min(self.settings.concurrency, len(specs))

@@ -174,13 +174,13 @@ def test_batches_are_stored_while_the_next_computes(
     """A message of 12 texts in batches of a few (a 96-token budget): with the store
     thread on (the default) a batch's jobs are committed while later batches compute,
     so some job finished before another began, as the job rows' own times say; with
-    ``LOGPROBE_STORE_WHILE_COMPUTING=0`` every job is stored once the message's last
-    batch is done. Either way the rows are the reference's."""
+    ``--store-at-end`` (``LOGPROBE_STORE_WHILE_COMPUTING=0``) every job is stored once
+    the message's last batch is done. Either way the rows are the reference's."""
     database = next(make_database("sqlite", tmp_path))
-    env = {"LOGPROBE_BATCH_TOKENS": "96", "LOGPROBE_STORE_WHILE_COMPUTING": str(int(early))}
     worker = WorkerProcess(backend="hf", queue=f"logprobe.hf.test-{uuid.uuid4().hex[:8]}",
                            redis_url=redis_url, database_url=database, log_dir=tmp_path,
-                           env=env).start()
+                           env={"LOGPROBE_BATCH_TOKENS": "96"},
+                           extra_args=[] if early else ["--store-at-end"]).start()
     texts = [f"{TEXTS[n % len(TEXTS)]} (text {n})" for n in range(12)]
     try:
         with worker.client(chunk_size=len(texts)) as client:

@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="give a job up after its worker died this many times")
     parser.add_argument("--deterministic", action="store_true",
                         help="torch deterministic algorithms, no TF32, fixed cuBLAS workspace")
+    parser.add_argument("--store-at-end", action="store_true",
+                        help="store a message's results when all of it is computed, not "
+                        "each batch's on a second thread while the next computes "
+                        "(LOGPROBE_STORE_WHILE_COMPUTING=0)")
     parser.add_argument("--hostname", "-n",
                         help="worker name (default: <backend>[-gpuN]-<pid>@<host>)")
     parser.add_argument("--loglevel", "-l", default="info")
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.deterministic:
         os.environ["LOGPROBE_DETERMINISTIC"] = "1"
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if args.store_at_end:
+        os.environ["LOGPROBE_STORE_WHILE_COMPUTING"] = "0"
     if args.max_models is not None:
         os.environ["LOGPROBE_MAX_MODELS"] = str(args.max_models)
     if args.max_attempts is not None:

@@ -227,7 +227,8 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
         specs = [ScoreSpec(model=str(model_dir), token_ids=ids, dtype=dtype,
                            device=spec_device, reuse=False) for ids in id_lists]
         submitted = time.time()
-        client.submit_many(specs, sweep_id=sweep_id, queue=queue)
+        client.submit_many(specs, sweep_id=sweep_id, queue=queue,
+                           chunk_size=args.chunk_size)
         sent = time.time()
         # GPU rounds are short: poll every 20 ms, not the CPU benchmark's 50.
         wait_all_succeeded(client, sweep_id, len(id_lists), interval=0.02)
@@ -336,6 +337,10 @@ def main() -> int:
                         help="then the same comparison on this many texts of --long-length "
                              "tokens (0: skip)")
     parser.add_argument("--long-length", type=int, default=512)
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="jobs per broker message in the end-to-end sweeps (default: the "
+                             "client's, 64); a message of several batches lets the worker "
+                             "store one batch while it computes the next")
     parser.add_argument("--worker-args", action="append", metavar="ARGS",
                         help="extra `logprobe worker` arguments of one worker configuration "
                              "to compare, e.g. '--concurrency 2' (repeat for several; "

@@ -23,6 +23,16 @@ def driver_value_processors(table: Table, columns: Sequence[str], dialect: Diale
             for name in columns]
 
 
+def converted(rows: Sequence[tuple[Any, ...]],
+              processors: Sequence[Callable[[Any], Any] | None]) -> Sequence[tuple[Any, ...]]:
+    """``rows`` with each value passed through its column's processor (None: as is)."""
+    if not any(processors):
+        return rows
+    return [tuple(value if process is None else process(value)
+                  for process, value in zip(processors, row, strict=True))
+            for row in rows]
+
+
 def insert_rows(session: Session, model: type, columns: Sequence[str],
                 rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert ``rows`` (tuples in ``columns`` order) into ``model``'s table in the
@@ -43,11 +53,7 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
     dialect = connection.dialect
     if dialect.name == "postgresql" and dialect.driver == "psycopg":
         table = model.__table__  # type: ignore[attr-defined]
-        processors = driver_value_processors(table, columns, dialect)
-        if any(processors):
-            rows = [tuple(value if process is None else process(value)
-                          for process, value in zip(processors, row, strict=True))
-                    for row in rows]
+        rows = converted(rows, driver_value_processors(table, columns, dialect))
         raw = connection.connection.driver_connection
         statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
         driver_error = dialect.loaded_dbapi.Error
@@ -78,12 +84,8 @@ def sqlite_executemany(connection: Connection, table: Table, columns: Sequence[s
     2.7x the token rows per second (``python -m bench.throughput --sections ingest``:
     337,000-344,000 against 127,000-128,000 rows/s on 200,000 rows, 2026-11-27)."""
     dialect = connection.dialect
-    processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-                  for name in columns]
-    if any(processors):
-        rows = [tuple(value if process is None else process(value)
-                      for process, value in zip(processors, row, strict=True))
-                for row in rows]
+    rows = converted(rows, [table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+                            for name in columns])
     statement = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
                  f"VALUES ({', '.join('?' for _ in columns)})")
     driver_error = dialect.loaded_dbapi.Error

@@ -233,14 +233,14 @@ class EarlyStore:
     def __call__(self, indices: Sequence[int],
                  outputs: Sequence[ProbeOutput | Exception]) -> None:
         plain = []
+        values = {}
         for index, output in zip(indices, outputs, strict=True):
-            job_id, _, control = self.jobs[index]
+            job_id, spec, control = self.jobs[index]
             output = _refuse_nan(output)
             if _is_plain(output, control):
                 plain.append((job_id, output))
+                values[job_id] = _job_values(spec, control)
         if plain:
-            values = {job_id: _job_values(spec, control) for job_id, spec, control in
-                      (self.jobs[index] for index in indices)}
             self._writes.append(self._pool.submit(_store_batch, self.state, plain, values))
 
     def stored(self) -> set[str]:

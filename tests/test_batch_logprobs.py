@@ -231,3 +231,109 @@ def test_fused_activations_match_the_stock_model(tiny_models: dict) -> None:
         want = torch.log_softmax(stock(torch.tensor([ids])).logits[0], dim=-1)
     assert torch.equal(alone(plain, ids), want[:-1])
     assert torch.allclose(alone(fused, ids), want[:-1], atol=TOL, rtol=0)
+
+
+# --- lookahead: the next batch queued before the last one is collected ------------------
+
+def scores_of(outputs: list) -> list[tuple[float, ...]]:
+    """Each output's token logprobs, alternatives' ids and logprobs, flat."""
+    return [tuple(v for t in out.sequences[0].tokens[1:]
+                  for v in (t.logprob, *(x for a in t.top_logprobs
+                                         for x in (a.token_id, a.logprob))))
+            for out in outputs]
+
+
+def forward_events(lm: LoadedModel, events: list[str], fail: object = None
+                   ) -> torch.utils.hooks.RemovableHandle:
+    """Log ``"forward"`` as each forward pass of ``lm`` starts; ``fail(batch_rows)``
+    may raise instead (a fault injected into the model, not into logprobe)."""
+    def before(_module: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
+        if callable(fail):
+            fail(kwargs["input_ids"].shape[0])
+        events.append("forward")
+
+    return lm.model.base_model.register_forward_pre_hook(before, with_kwargs=True)
+
+
+def test_lookahead_queues_the_next_batch_before_handing_on_the_last(model_path: str) -> None:
+    """With ``lookahead`` each batch's forward pass starts before the batch before it
+    is collected and handed on (on a GPU, the GPU computes it meanwhile); the outputs
+    are those of one batch at a time, bit for bit on this CPU."""
+    lm = loaded(model_path)
+    specs = [ScoreSpec(model=model_path, text=text, top_logprobs=k)
+             for text, k in zip(TEXTS, TOP_K, strict=True)]
+    runs = {}
+    for lookahead in (False, True):
+        events: list[str] = []
+        handle = forward_events(lm, events)
+        try:
+            outputs = score_batch(
+                lm, specs, BatchBudget(tokens=200), lookahead=lookahead,
+                on_batch=lambda indices, outs, events=events: events.append(
+                    f"ready {sorted(indices)}"))
+        finally:
+            handle.remove()
+        runs[lookahead] = (events, outputs)
+    (plain_events, plain), (ahead_events, ahead) = runs[False], runs[True]
+    handed_on = [e for e in plain_events if e != "forward"]
+    n = len(handed_on)
+    assert n >= 3
+    assert plain_events == [e for ready in handed_on for e in ("forward", ready)]
+    assert ahead_events == ["forward", *(e for ready in handed_on[:-1]
+                                         for e in ("forward", ready)), handed_on[-1]]
+    assert scores_of(ahead) == scores_of(plain)
+    assert [o.provenance["batch_size"] for o in ahead] == [
+        o.provenance["batch_size"] for o in plain]
+
+
+def test_lookahead_backs_off_on_out_of_memory(model_path: str) -> None:
+    """A batch that runs out of memory as it is queued (here: any of more than two
+    texts) is retried in halves once the batch in flight is collected: every text is
+    scored, in batches of at most two, as it scores in the large batches."""
+    lm = loaded(model_path)
+    specs = [ScoreSpec(model=model_path, text=text, top_logprobs=k)
+             for text, k in zip(TEXTS, TOP_K, strict=True)]
+    want = scores_of(score_batch(lm, specs, BatchBudget(tokens=400), lookahead=False))
+
+    def fail(rows: int) -> None:
+        if rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handed_on: list[int] = []
+    budget = BatchBudget(tokens=400)
+    handle = forward_events(lm, [], fail)
+    try:
+        outputs = score_batch(lm, specs, budget, lookahead=True,
+                              on_batch=lambda indices, outs: handed_on.extend(indices))
+    finally:
+        handle.remove()
+    assert sorted(handed_on) == list(range(len(specs)))
+    assert budget.tokens < 400
+    assert max(o.provenance["batch_size"] for o in outputs) <= 2
+    for got, expected in zip(scores_of(outputs), want, strict=True):
+        assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=TOL, rtol=0)
+
+
+def test_lookahead_hands_on_the_batch_in_flight_when_a_later_one_breaks(
+        model_path: str) -> None:
+    """Any other error queuing a batch ends the scoring, but the batches computed
+    before it, the one in flight included, are handed on first."""
+    lm = loaded(model_path)
+    specs = [ScoreSpec(model=model_path, text=text) for text in TEXTS]
+    forwards = []
+
+    def fail(rows: int) -> None:
+        forwards.append(rows)
+        if len(forwards) == 3:
+            raise ValueError("the third forward pass breaks (injected)")
+
+    handed_on: list[list[int]] = []
+    handle = forward_events(lm, [], fail)
+    try:
+        with pytest.raises(ValueError, match="third forward"):
+            score_batch(lm, specs, BatchBudget(tokens=200), lookahead=True,
+                        on_batch=lambda indices, outs: handed_on.append(sorted(indices)))
+    finally:
+        handle.remove()
+    plan = BatchBudget(tokens=200).plan([len(lm.tokenizer(t)["input_ids"]) for t in TEXTS])
+    assert handed_on == [sorted(batch) for batch in plan[:2]]

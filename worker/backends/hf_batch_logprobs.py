@@ -146,7 +146,19 @@ def padded_batch(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> tuple[torch
                              dtype=torch.long)
     lengths = torch.tensor([len(ids) for ids in batch], dtype=torch.long)
     mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
-    return input_ids.to(lm.device), mask.to(lm.device)
+    return to_device(input_ids, lm.device), to_device(mask, lm.device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``, without waiting for the GPU: to a CUDA
+    device through pinned memory, non-blocking. (A plain copy from pageable memory
+    waits for all the work queued on the stream, so a batch's index tensors moved
+    after its forward pass was launched would wait for that forward pass to end,
+    and the next batch could not be queued behind it: :func:`launch_token_logprobs`.)"""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def is_plain_linear(head: torch.nn.Module) -> bool:
@@ -183,7 +195,7 @@ def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tenso
         input_ids=input_ids, attention_mask=mask, use_cache=False
     ).last_hidden_state
     head = lm.model.get_output_embeddings()
-    packed = hidden.flatten(0, 1).index_select(0, positions.to(hidden.device))
+    packed = hidden.flatten(0, 1).index_select(0, to_device(positions, hidden.device))
     packed = packed.to(head_device(head))
     if not is_plain_linear(head):
         vocabulary = lm.vocab_size
@@ -212,7 +224,7 @@ def full_forward_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Te
     later, a chunk at a time, into one reused buffer (``vocabulary_tile`` does not
     apply: the logits exist already, a chunk is one tile)."""
     logits = lm.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)
-    on_device = positions.to(logits.device)
+    on_device = to_device(positions, logits.device)
     vocabulary = logits.shape[-1]
     buffer = torch.empty((min(chunk_rows, on_device.shape[0]), vocabulary),
                          dtype=logits.dtype, device=logits.device)
@@ -259,6 +271,7 @@ def chunked_scores(row_logits: RowLogits, prefixes: PrefixRows, targets: torch.T
     top_distinct: list[torch.Tensor] = []
     top_values: list[torch.Tensor] = []
     top_ids: list[torch.Tensor] = []
+    device = torch.device("cpu")  # where the logits are (set by the first chunk)
     for start in range(0, distinct, chunk_rows):
         stop = min(start + chunk_rows, distinct)
         rows = torch.nonzero((row_of >= start) & (row_of < stop))[:, 0]
@@ -284,11 +297,11 @@ def chunked_scores(row_logits: RowLogits, prefixes: PrefixRows, targets: torch.T
             device = logits.device
             low, high = bounds[index], bounds[index + 1]
             if high > low:
-                picked.append(logits[columns[low:high].to(device),
-                                     (row_targets[low:high] - first).to(device)])
+                picked.append(logits[to_device(columns[low:high], device),
+                                     to_device(row_targets[low:high] - first, device)])
             if len(wanted):
                 rows_wanted = logits if len(wanted) == stop - start else (
-                    logits.index_select(0, wanted.to(device)))
+                    logits.index_select(0, to_device(wanted, device)))
                 values, ids = torch.topk(rows_wanted, min(k_max, logits.shape[1]), dim=1)
                 tile_values.append(values)
                 tile_ids.append(ids + first if first else ids)
@@ -315,25 +328,56 @@ def chunked_scores(row_logits: RowLogits, prefixes: PrefixRows, targets: torch.T
             top_distinct.append(wanted + start)
             top_values.append(values)
             top_ids.append(ids)
-    target_logits = torch.empty(n_rows, dtype=torch.float32)
+    # The rows' logprobs on the device the logits are on (one copy to the CPU later,
+    # :func:`copied_to_host`).
+    target_logits = torch.empty(n_rows, dtype=torch.float32, device=device)
     if picked:
-        target_logits[torch.cat(picked_rows)] = torch.cat(picked).cpu()
-    row_max = torch.cat(maxima).cpu() if maxima else torch.empty(0)
-    row_log_sum = torch.cat(log_sums).cpu() if log_sums else torch.empty(0)
+        target_logits[to_device(torch.cat(picked_rows), device)] = torch.cat(picked)
+    row_max = torch.cat(maxima) if maxima else torch.empty(0, device=device)
+    row_log_sum = torch.cat(log_sums) if log_sums else torch.empty(0, device=device)
+    row_of = to_device(row_of, device)
     token_logprobs = (target_logits - row_max[row_of]) - row_log_sum[row_of]
     if not top_distinct:
         return PackedScores(token_logprobs, None, None)
     k = top_values[0].shape[-1]
-    distinct_values = torch.zeros((distinct, k), dtype=torch.float32)
-    distinct_ids = torch.zeros((distinct, k), dtype=torch.long)
-    index = torch.cat(top_distinct)
-    distinct_values[index] = ((torch.cat(top_values).cpu() - row_max[index, None])
+    distinct_values = torch.zeros((distinct, k), dtype=torch.float32, device=device)
+    distinct_ids = torch.zeros((distinct, k), dtype=torch.long, device=device)
+    index = to_device(torch.cat(top_distinct), device)
+    distinct_values[index] = ((torch.cat(top_values) - row_max[index, None])
                               - row_log_sum[index, None])
-    distinct_ids[index] = torch.cat(top_ids).cpu()
-    asked = (row_top_k > 0)[:, None]
+    distinct_ids[index] = torch.cat(top_ids)
+    asked = to_device((row_top_k > 0)[:, None], device)
     return PackedScores(token_logprobs,
                         torch.where(asked, distinct_values[row_of], 0.0),
                         torch.where(asked, distinct_ids[row_of], 0))
+
+
+@dataclass
+class PendingScores:
+    """Scores on their way to the CPU: :meth:`wait` returns them there once the copy
+    (and so all the work queued before it) is done."""
+
+    scores: PackedScores
+    copied: torch.cuda.Event | None = None  # None: the scores are on the CPU already
+
+    def wait(self) -> PackedScores:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.scores
+
+
+def copied_to_host(scores: PackedScores) -> PendingScores:
+    """``scores`` copied to the CPU; from a CUDA device into pinned memory without
+    waiting (the copy is queued behind the work that computes them)."""
+    tensors = (scores.token_logprobs, scores.top_values, scores.top_ids)
+    device = scores.token_logprobs.device
+    if device.type != "cuda":
+        return PendingScores(PackedScores(*(t if t is None else t.cpu() for t in tensors)))
+    host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            .copy_(t, non_blocking=True) for t in tensors]
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))  # the copies' stream (their device's)
+    return PendingScores(PackedScores(*host), copied)  # type: ignore[arg-type]
 
 
 def tile_log_sum(logits: torch.Tensor, *, kernel: bool | None = None
@@ -370,6 +414,34 @@ def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
     ``vocabulary_tile``: vocabulary ids per tile of the packed head (see
     :func:`head_only_logits`).
     """
+    return launch_token_logprobs(lm, batch, top_k, chunk_rows=chunk_rows,
+                                 head_only=head_only,
+                                 vocabulary_tile=vocabulary_tile).result()
+
+
+@dataclass
+class LaunchedLogprobs:
+    """A batch whose forward pass and scoring are queued on the device:
+    :meth:`result` waits for them and splits the scores per text."""
+
+    pending: PendingScores
+    n_scored: list[int]
+    top_k: list[int]
+
+    def result(self) -> list[TextLogprobs]:
+        return split_per_text(self.pending.wait(), self.n_scored, self.top_k)
+
+
+def launch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
+                          top_k: Sequence[int], *, chunk_rows: int | None = None,
+                          head_only: bool | None = None,
+                          vocabulary_tile: int | None = None) -> LaunchedLogprobs:
+    """:func:`batch_token_logprobs`, returning once the work is queued on the device
+    (on a CPU: done). On a GPU nothing here waits for the GPU but the model's own
+    forward, which waits for the work queued before it as it starts (transformers
+    reads the attention mask to choose an attention kernel); so the caller may
+    queue the next batch before it asks for this one's :meth:`LaunchedLogprobs.result`,
+    and the GPU computes that batch while the CPU turns this one into rows."""
     if head_only is None:
         head_only = head_only_applies(lm.model)
     input_ids, mask = padded_batch(lm, batch)
@@ -383,7 +455,8 @@ def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
         row_logits = (head_only_logits if head_only else full_forward_logits)(
             lm, input_ids, mask, prefixes.positions, chunk_rows, vocabulary_tile)
         scores = chunked_scores(row_logits, prefixes, targets, row_top_k, chunk_rows)
-    return split_per_text(scores, [len(ids) - 1 for ids in batch], top_k)
+        pending = copied_to_host(scores)
+    return LaunchedLogprobs(pending, [len(ids) - 1 for ids in batch], list(top_k))
 
 
 def split_per_text(scores: PackedScores, n_scored: Sequence[int],

@@ -15,9 +15,9 @@ from api_client.errors import ProbeInputError
 from api_client.results import SequenceResult
 from api_client.specs import ScoreSpec
 
-from ..control import JobStopped, control_for
+from ..control import JobControl, JobStopped, control_for
 from .base import OutputsReady, ProbeOutput
-from .hf_batch_logprobs import TextLogprobs, batch_token_logprobs
+from .hf_batch_logprobs import LaunchedLogprobs, TextLogprobs, launch_token_logprobs
 from .hf_common import (
     alternatives_from_topk,
     check_ids,
@@ -150,10 +150,15 @@ def run_with_backoff(
                 + run_with_backoff(items[half:], forward, budget))
 
 
+#: The texts of one batch: (index into the specs, token ids) each.
+BatchPart = list[tuple[int, list[int]]]
+
+
 def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
                 budget: BatchBudget | None = None, *, chunk_rows: int | None = None,
                 head_only: bool | None = None, vocabulary_tile: int | None = None,
-                on_batch: OutputsReady | None = None) -> list[ProbeOutput | Exception]:
+                on_batch: OutputsReady | None = None,
+                lookahead: bool | None = None) -> list[ProbeOutput | Exception]:
     """Score many texts on one model in length-bucketed, padded batches.
 
     Each output equals :func:`score` of its spec alone (float32, within 1e-5);
@@ -163,8 +168,15 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
     (``head_only=False`` forces the full forward pass). ``on_batch(indices, outputs)``
     gets each batch's outputs as soon as its forward pass is done (texts that could
     not be prepared are handed on first).
+
+    ``lookahead`` (default: on a CUDA device) queues each batch on the device before
+    it collects the previous one, so the GPU computes batch i + 1 while the CPU turns
+    batch i into outputs and hands them on (:func:`launch_token_logprobs`). On a CPU
+    it would only hand each batch on one batch later.
     """
     budget = budget or BatchBudget()
+    if lookahead is None:
+        lookahead = lm.device.type == "cuda"
     outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
     prepared: list[tuple[int, list[int]]] = []
     with_text = [i for i, spec in enumerate(specs) if spec.token_ids is None and spec.text]
@@ -182,33 +194,40 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
     if on_batch is not None and refused:
         on_batch(refused, [outputs[i] for i in refused])  # type: ignore[misc]
     provenance = lm.provenance()
-    plan = budget.plan([len(ids) for _, ids in prepared])
-    for batch_indices in plan:
-        items = [prepared[i] for i in batch_indices]
 
-        def forward(part: list[tuple[int, list[int]]]) -> list[ProbeOutput | Exception]:
-            controls = [(control_for(specs[i]), len(ids)) for i, ids in part]
-            for control, n in controls:
-                if control is not None:
-                    control.begin(n, "tokens")
-            try:
-                with stop_when(all_should_stop([control for control, _ in controls])):
-                    scored = batch_token_logprobs(
-                        lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part],
-                        chunk_rows=chunk_rows, head_only=head_only,
-                        vocabulary_tile=vocabulary_tile,
-                    )
-            except JobStopped as stopped:  # every job of the batch was cancelled / timed out
-                return [stopped] * len(part)
-            for control, n in controls:
-                if control is not None:
-                    control.advance(n)
-            return [
-                _score_output(lm, specs[i], ids, text, provenance, len(part))
-                for (i, ids), text in zip(part, scored, strict=True)
-            ]
+    def launch(part: BatchPart) -> Launched:
+        controls = [(control_for(specs[i]), len(ids)) for i, ids in part]
+        for control, n in controls:
+            if control is not None:
+                control.begin(n, "tokens")
+        try:
+            with stop_when(all_should_stop([control for control, _ in controls])):
+                return Launched(part, controls, launch_token_logprobs(
+                    lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part],
+                    chunk_rows=chunk_rows, head_only=head_only,
+                    vocabulary_tile=vocabulary_tile,
+                ))
+        except JobStopped as stopped:  # every job of the batch was cancelled / timed out
+            return Launched(part, controls, stopped)
 
-        for part, result in run_with_backoff(items, forward, budget):
+    def collect(launched: Launched) -> list[ProbeOutput | Exception]:
+        if isinstance(launched.work, JobStopped):
+            return [launched.work] * len(launched.part)
+        scored = launched.work.result()
+        for control, n in launched.controls:
+            if control is not None:
+                control.advance(n)
+        return [
+            _score_output(lm, specs[i], ids, text, provenance, len(launched.part))
+            for (i, ids), text in zip(launched.part, scored, strict=True)
+        ]
+
+    def forward(part: BatchPart) -> list[ProbeOutput | Exception]:
+        return collect(launch(part))
+
+    def record(batch_indices: list[int],
+               parts: list[tuple[BatchPart, list[Any] | BaseException]]) -> None:
+        for part, result in parts:
             for position, (index, _) in enumerate(part):
                 if isinstance(result, BaseException):
                     outputs[index] = ProbeInputError(
@@ -220,7 +239,48 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
         if on_batch is not None:
             batch = [prepared[i][0] for i in batch_indices]
             on_batch(batch, [outputs[i] for i in batch])  # type: ignore[misc]
+
+    def collected(launched: Launched) -> list[tuple[BatchPart, list[Any] | BaseException]]:
+        try:
+            return [(launched.part, collect(launched))]
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return run_with_backoff(launched.part, forward, budget)
+
+    in_flight: tuple[list[int], Launched] | None = None
+    try:
+        for batch_indices in budget.plan([len(ids) for _, ids in prepared]):
+            items = [prepared[i] for i in batch_indices]
+            launched: Launched | None = None
+            if lookahead:
+                try:
+                    launched = launch(items)  # queued behind the batch in flight
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+            if in_flight is not None:
+                (done_indices, done), in_flight = in_flight, None
+                record(done_indices, collected(done))
+            if launched is not None:
+                in_flight = (batch_indices, launched)
+            else:  # one batch at a time, or one that ran out of memory as it was queued
+                record(batch_indices, run_with_backoff(items, forward, budget))
+    finally:  # also when a later batch broke: the one in flight keeps its outputs
+        if in_flight is not None:
+            (done_indices, done), in_flight = in_flight, None
+            record(done_indices, collected(done))
     return [out if out is not None else RuntimeError("not scored") for out in outputs]
+
+
+@dataclass
+class Launched:
+    """A batch queued by :func:`score_batch`: its texts, their jobs' controls, and
+    its queued work (or why every job of it stopped)."""
+
+    part: BatchPart
+    controls: list[tuple[JobControl | None, int]]
+    work: LaunchedLogprobs | JobStopped
 
 
 #: Per tokenizer, each token id's text as ``tokenizer.decode([id])`` gives it.

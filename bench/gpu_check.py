@@ -11,7 +11,10 @@ Hugging Face ``generate`` alone for reference. Then issue 6's GPU targets: a swe
 of ``--ratio-texts`` texts (and of ``--long-texts`` longer ones) scored end to end
 through the queue (rows committed) against the bare batched forward pass and the
 notebook loop on GPU 0, same model, dtype and ids (targets: >= 0.9x and >= 5x),
-for each worker configuration of ``--worker-args``.
+for each worker configuration of ``--worker-args``; for the first, also the worker
+backend's ``score_batch`` in this process with its lookahead on and off (outputs
+built, nothing stored: the gap from there to end to end is the queue's and the
+database's), and where queuing one batch synchronizes with the GPU.
 
     python bench/gpu_check.py                   # on a machine with NVIDIA GPUs
     python bench/gpu_check.py --shape tiny      # a CPU smoke test of this script
@@ -242,6 +245,15 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     if notebook:
         methods["notebook loop (model(ids, labels=ids) + log_softmax)"] = (
             lambda: notebook_loop(model, id_lists, device))
+        # The worker's scoring (outputs built, nothing stored) on this process's model:
+        # what the queue and the database cost is the gap from here to end to end.
+        lm = in_process_model(model, model_dir, device)
+        specs = [ScoreSpec(model=str(model_dir), token_ids=ids, dtype=dtype,
+                           device=spec_device) for ids in id_lists]
+        for lookahead, label in ((True, "on"), (False, "off")):
+            methods[f"worker's score_batch in this process, lookahead {label}"] = (
+                lambda lookahead=lookahead: in_process_scoring(lm, specs, lookahead))
+        report_syncs(lm, id_lists[: len(plan[0])])
     methods[f"logprobe end to end ({len(worker_pids)} worker(s), {variant}, rows committed)"] = (
         end_to_end)
     # Warm-up: kernels, allocator, the workers' first batch (the notebook loop on a few
@@ -276,6 +288,63 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
               for name, ts in times.items()), flush=True)
     print("end-to-end rounds, from the job rows' own timestamps:\n  " + "\n  ".join(timelines),
           flush=True)
+
+
+def in_process_model(model: object, model_dir: Path, device: str) -> object:
+    """``model`` (loaded here) as the worker's backend holds a model."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from worker.backends.hf_models import LoadedModel
+
+    config = model.config  # type: ignore[attr-defined]
+    return LoadedModel(
+        name=str(model_dir), model=model, tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        device=torch.device(device), revision=None,
+        dtype=str(model.dtype).removeprefix("torch."),  # type: ignore[attr-defined]
+        context_length=config.max_position_embeddings,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]))  # type: ignore[attr-defined]
+
+
+def in_process_scoring(lm: object, specs: list, lookahead: bool) -> None:
+    """The worker backend's ``score_batch`` on all ``specs``, at the worker's budget."""
+    import torch
+
+    from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score_batch
+
+    budget = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[lm.device.type])  # type: ignore[attr-defined]
+    outputs = score_batch(lm, specs, budget, lookahead=lookahead)  # type: ignore[arg-type]
+    failed = [out for out in outputs if isinstance(out, Exception)]
+    assert not failed, failed[:3]
+    if lm.device.type == "cuda":  # type: ignore[attr-defined]
+        torch.cuda.synchronize()
+
+
+def report_syncs(lm: object, batch: list[list[int]]) -> None:
+    """Where queuing one batch (``launch_token_logprobs``) waits for the GPU: torch's
+    sync debug mode warns at each host-device synchronization. One, as the forward
+    starts (transformers reads the attention mask), is expected; more would stall
+    the lookahead."""
+    import warnings
+
+    import torch
+
+    from worker.backends.hf_batch_logprobs import launch_token_logprobs
+
+    if lm.device.type != "cuda":  # type: ignore[attr-defined]
+        return
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            launched = launch_token_logprobs(lm, batch, [0] * len(batch))  # type: ignore[arg-type]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    launched.result()
+    places = sorted({f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}" for w in caught})
+    print(f"queuing one batch of {len(batch)} texts synchronized with the GPU "
+          f"{len(caught)} time(s): {', '.join(places) or '-'}", flush=True)
 
 
 def sweep_timeline(client: object, sweep_id: str, submitted: float, sent: float,
@@ -325,9 +394,11 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     parser.add_argument("--dtype", default=None, help="default: float16 on GPU, float32 on CPU")
     parser.add_argument("--model-dir", type=Path, help="reuse / write the model here")
-    parser.add_argument("--score-jobs", type=int, default=8, help="score jobs per worker")
+    parser.add_argument("--score-jobs", type=int, default=8,
+                        help="score jobs per worker (0: skip)")
     parser.add_argument("--score-tokens", type=int, default=1024)
-    parser.add_argument("--generate-jobs", type=int, default=2, help="generate jobs per worker")
+    parser.add_argument("--generate-jobs", type=int, default=2,
+                        help="generate jobs per worker (0: skip, and HF generate too)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--ratio-texts", type=int, default=512,
                         help="texts for the end-to-end / bare forward / notebook comparison "
@@ -412,8 +483,9 @@ def main() -> int:
                     if number == 0:
                         worker_throughput(client, options, args, gpus,
                                           [w.pid for w in workers], variant)
-                        bare_generate(reference, AutoTokenizer.from_pretrained(model_dir),
-                                      device, args.new_tokens)
+                        if args.generate_jobs:
+                            bare_generate(reference, AutoTokenizer.from_pretrained(model_dir),
+                                          device, args.new_tokens)
                     if args.ratio_texts or args.long_texts:
                         scoring_ratios(client, client.queue, reference, model_dir, dtype, device,
                                        spec_device, args, [w.pid for w in workers], variant,
@@ -436,7 +508,10 @@ def worker_throughput(client: object, options: dict, args: argparse.Namespace,
     score_jobs = [client.score(token_ids=[rng.randrange(3, vocab)
                                           for _ in range(args.score_tokens)], **options)
                   for _ in range(args.score_jobs * len(gpus))]
-    run_batch(score_jobs, "scoring")
+    if score_jobs:
+        run_batch(score_jobs, "scoring")
+    if not args.generate_jobs:
+        return
     profile = args.profile_worker and args.profile_worker.with_name(
         f"{args.profile_worker.name}-{variant}-generation")
     with profiled(pids, profile):

@@ -152,6 +152,8 @@ def run_with_backoff(
 
 #: The texts of one batch: (index into the specs, token ids) each.
 BatchPart = list[tuple[int, list[int]]]
+#: What scoring a batch gave: its outputs, or the error of a text too big even alone.
+BatchResults = list[tuple[BatchPart, list[ProbeOutput | Exception] | BaseException]]
 
 
 def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
@@ -177,40 +179,88 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
     budget = budget or BatchBudget()
     if lookahead is None:
         lookahead = lm.device.type == "cuda"
-    outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
-    prepared: list[tuple[int, list[int]]] = []
-    with_text = [i for i, spec in enumerate(specs) if spec.token_ids is None and spec.text]
-    text_ids = dict(zip(with_text, lm.tokenizer(  # one call for all: the tokenizer's batch
-        [specs[i].text for i in with_text], add_special_tokens=False)["input_ids"],
-        strict=True)) if with_text else {}
-    for index, spec in enumerate(specs):
-        try:
-            ids = score_ids(lm, spec, text_ids.get(index))
-            check_ids(lm, ids, "the scored text")
-            prepared.append((index, ids))
-        except Exception as exc:
-            outputs[index] = exc
-    refused = [i for i, out in enumerate(outputs) if out is not None]
-    if on_batch is not None and refused:
-        on_batch(refused, [outputs[i] for i in refused])  # type: ignore[misc]
-    provenance = lm.provenance()
+    scoring = BatchScoring(lm, specs, budget, on_batch,
+                           dict(chunk_rows=chunk_rows, head_only=head_only,
+                                vocabulary_tile=vocabulary_tile))
+    in_flight: tuple[list[int], Launched] | None = None
+    try:
+        for batch_indices in budget.plan([len(ids) for _, ids in scoring.prepared]):
+            items = [scoring.prepared[i] for i in batch_indices]
+            launched: Launched | None = None
+            if lookahead:
+                try:
+                    launched = scoring.launch(items)  # queued behind the batch in flight
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+            if in_flight is not None:
+                (done_indices, done), in_flight = in_flight, None
+                scoring.record(done_indices, scoring.collected(done))
+            if launched is not None:
+                in_flight = (batch_indices, launched)
+            else:  # one batch at a time, or one that ran out of memory as it was queued
+                scoring.record(batch_indices, run_with_backoff(items, scoring.forward, budget))
+    finally:  # also when a later batch broke: the one in flight keeps its outputs
+        if in_flight is not None:
+            (done_indices, done), in_flight = in_flight, None
+            scoring.record(done_indices, scoring.collected(done))
+    return [out if out is not None else RuntimeError("not scored") for out in scoring.outputs]
 
-    def launch(part: BatchPart) -> Launched:
-        controls = [(control_for(specs[i]), len(ids)) for i, ids in part]
+
+@dataclass
+class Launched:
+    """A batch queued by :meth:`BatchScoring.launch`: its texts, their jobs' controls,
+    and its queued work (or why every job of it stopped)."""
+
+    part: BatchPart
+    controls: list[tuple[JobControl | None, int]]
+    work: LaunchedLogprobs | JobStopped
+
+
+class BatchScoring:
+    """The state of one :func:`score_batch` call: the specs' token ids (``prepared``;
+    a text that could not be prepared has its error in ``outputs`` at once, handed
+    on), and the steps of a batch: :meth:`launch`, :meth:`collect`, :meth:`record`."""
+
+    def __init__(self, lm: LoadedModel, specs: Sequence[ScoreSpec], budget: BatchBudget,
+                 on_batch: OutputsReady | None, options: dict[str, Any]) -> None:
+        self.lm, self.specs, self.budget, self.on_batch = lm, specs, budget, on_batch
+        self.options = options  # for launch_token_logprobs
+        self.outputs: list[ProbeOutput | Exception | None] = [None] * len(specs)
+        self.prepared: BatchPart = []
+        with_text = [i for i, spec in enumerate(specs)
+                     if spec.token_ids is None and spec.text]
+        text_ids = dict(zip(with_text, lm.tokenizer(  # one call for all: the tokenizer's batch
+            [specs[i].text for i in with_text], add_special_tokens=False)["input_ids"],
+            strict=True)) if with_text else {}
+        for index, spec in enumerate(specs):
+            try:
+                ids = score_ids(lm, spec, text_ids.get(index))
+                check_ids(lm, ids, "the scored text")
+                self.prepared.append((index, ids))
+            except Exception as exc:
+                self.outputs[index] = exc
+        refused = [i for i, out in enumerate(self.outputs) if out is not None]
+        if on_batch is not None and refused:
+            on_batch(refused, [self.outputs[i] for i in refused])  # type: ignore[misc]
+        self.provenance = lm.provenance()
+
+    def launch(self, part: BatchPart) -> Launched:
+        """Start the jobs' clocks and queue the batch's forward pass and scoring."""
+        controls = [(control_for(self.specs[i]), len(ids)) for i, ids in part]
         for control, n in controls:
             if control is not None:
                 control.begin(n, "tokens")
         try:
             with stop_when(all_should_stop([control for control, _ in controls])):
                 return Launched(part, controls, launch_token_logprobs(
-                    lm, [ids for _, ids in part], [specs[i].top_logprobs for i, _ in part],
-                    chunk_rows=chunk_rows, head_only=head_only,
-                    vocabulary_tile=vocabulary_tile,
-                ))
+                    self.lm, [ids for _, ids in part],
+                    [self.specs[i].top_logprobs for i, _ in part], **self.options))
         except JobStopped as stopped:  # every job of the batch was cancelled / timed out
             return Launched(part, controls, stopped)
 
-    def collect(launched: Launched) -> list[ProbeOutput | Exception]:
+    def collect(self, launched: Launched) -> list[ProbeOutput | Exception]:
+        """Wait for a launched batch; its outputs."""
         if isinstance(launched.work, JobStopped):
             return [launched.work] * len(launched.part)
         scored = launched.work.result()
@@ -218,69 +268,38 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
             if control is not None:
                 control.advance(n)
         return [
-            _score_output(lm, specs[i], ids, text, provenance, len(launched.part))
+            _score_output(self.lm, self.specs[i], ids, text, self.provenance,
+                          len(launched.part))
             for (i, ids), text in zip(launched.part, scored, strict=True)
         ]
 
-    def forward(part: BatchPart) -> list[ProbeOutput | Exception]:
-        return collect(launch(part))
+    def forward(self, part: BatchPart) -> list[ProbeOutput | Exception]:
+        """One batch, launched and collected (for :func:`run_with_backoff`)."""
+        return self.collect(self.launch(part))
 
-    def record(batch_indices: list[int],
-               parts: list[tuple[BatchPart, list[Any] | BaseException]]) -> None:
+    def collected(self, launched: Launched) -> BatchResults:
+        """:meth:`collect`; on out-of-memory, the batch again in halves."""
+        try:
+            return [(launched.part, self.collect(launched))]
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return run_with_backoff(launched.part, self.forward, self.budget)
+
+    def record(self, batch_indices: list[int], parts: BatchResults) -> None:
+        """A planned batch's results into ``outputs``, then handed on."""
         for part, result in parts:
             for position, (index, _) in enumerate(part):
                 if isinstance(result, BaseException):
-                    outputs[index] = ProbeInputError(
+                    self.outputs[index] = ProbeInputError(
                         f"scoring this text ran out of memory even alone ({result}); "
                         "shorten the text or run it on a larger device"
                     )
                 else:
-                    outputs[index] = result[position]
-        if on_batch is not None:
-            batch = [prepared[i][0] for i in batch_indices]
-            on_batch(batch, [outputs[i] for i in batch])  # type: ignore[misc]
-
-    def collected(launched: Launched) -> list[tuple[BatchPart, list[Any] | BaseException]]:
-        try:
-            return [(launched.part, collect(launched))]
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            return run_with_backoff(launched.part, forward, budget)
-
-    in_flight: tuple[list[int], Launched] | None = None
-    try:
-        for batch_indices in budget.plan([len(ids) for _, ids in prepared]):
-            items = [prepared[i] for i in batch_indices]
-            launched: Launched | None = None
-            if lookahead:
-                try:
-                    launched = launch(items)  # queued behind the batch in flight
-                except Exception as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-            if in_flight is not None:
-                (done_indices, done), in_flight = in_flight, None
-                record(done_indices, collected(done))
-            if launched is not None:
-                in_flight = (batch_indices, launched)
-            else:  # one batch at a time, or one that ran out of memory as it was queued
-                record(batch_indices, run_with_backoff(items, forward, budget))
-    finally:  # also when a later batch broke: the one in flight keeps its outputs
-        if in_flight is not None:
-            (done_indices, done), in_flight = in_flight, None
-            record(done_indices, collected(done))
-    return [out if out is not None else RuntimeError("not scored") for out in outputs]
-
-
-@dataclass
-class Launched:
-    """A batch queued by :func:`score_batch`: its texts, their jobs' controls, and
-    its queued work (or why every job of it stopped)."""
-
-    part: BatchPart
-    controls: list[tuple[JobControl | None, int]]
-    work: LaunchedLogprobs | JobStopped
+                    self.outputs[index] = result[position]
+        if self.on_batch is not None:
+            batch = [self.prepared[i][0] for i in batch_indices]
+            self.on_batch(batch, [self.outputs[i] for i in batch])  # type: ignore[misc]
 
 
 #: Per tokenizer, each token id's text as ``tokenizer.decode([id])`` gives it.

@@ -261,6 +261,7 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     bare_batched_forward(model, id_lists, plan, 2, device)
     if notebook:
         notebook_loop(model, id_lists[:16], device)
+        in_process_scoring(lm, specs, lookahead=True)  # and pinned host memory
     end_to_end()
     timelines.clear()
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -322,9 +323,9 @@ def in_process_scoring(lm: object, specs: list, lookahead: bool) -> None:
 
 def report_syncs(lm: object, batch: list[list[int]]) -> None:
     """Where queuing one batch (``launch_token_logprobs``) waits for the GPU: torch's
-    sync debug mode warns at each host-device synchronization. One, as the forward
-    starts (transformers reads the attention mask), is expected; more would stall
-    the lookahead."""
+    sync debug mode warns at each host-device synchronization. One or two, as the
+    forward starts (transformers reads the attention mask), are expected; any later
+    would stall the lookahead."""
     import warnings
 
     import torch

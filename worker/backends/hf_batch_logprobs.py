@@ -400,25 +400,6 @@ def tile_log_sum(logits: torch.Tensor, *, kernel: bool | None = None
     return most, logits.sub_(most[:, None]).exp_().sum(1).log_()
 
 
-def batch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
-                         top_k: Sequence[int], *, chunk_rows: int | None = None,
-                         head_only: bool | None = None,
-                         vocabulary_tile: int | None = None) -> list[TextLogprobs]:
-    """One right-padded forward pass over ``batch``; per text, the logprob of each
-    token after the first (``log_softmax(logits[i-1])[token_i]`` in float32) and, where
-    ``top_k`` asks, the top-k alternatives at each of those positions.
-
-    ``chunk_rows``: distinct rows per chunk (default :func:`default_chunk_rows`).
-    ``head_only``: apply the output layer to the packed rows only (default: where
-    :func:`head_only_applies`); ``False`` forces the full forward.
-    ``vocabulary_tile``: vocabulary ids per tile of the packed head (see
-    :func:`head_only_logits`).
-    """
-    return launch_token_logprobs(lm, batch, top_k, chunk_rows=chunk_rows,
-                                 head_only=head_only,
-                                 vocabulary_tile=vocabulary_tile).result()
-
-
 @dataclass
 class LaunchedLogprobs:
     """A batch whose forward pass and scoring are queued on the device:
@@ -436,12 +417,23 @@ def launch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
                           top_k: Sequence[int], *, chunk_rows: int | None = None,
                           head_only: bool | None = None,
                           vocabulary_tile: int | None = None) -> LaunchedLogprobs:
-    """:func:`batch_token_logprobs`, returning once the work is queued on the device
-    (on a CPU: done). On a GPU nothing here waits for the GPU but the model's own
-    forward, which waits for the work queued before it as it starts (transformers
-    reads the attention mask to choose an attention kernel); so the caller may
-    queue the next batch before it asks for this one's :meth:`LaunchedLogprobs.result`,
-    and the GPU computes that batch while the CPU turns this one into rows."""
+    """One right-padded forward pass over ``batch``; per text, the logprob of each
+    token after the first (``log_softmax(logits[i-1])[token_i]`` in float32) and, where
+    ``top_k`` asks, the top-k alternatives at each of those positions: in
+    :meth:`LaunchedLogprobs.result`.
+
+    ``chunk_rows``: distinct rows per chunk (default :func:`default_chunk_rows`).
+    ``head_only``: apply the output layer to the packed rows only (default: where
+    :func:`head_only_applies`); ``False`` forces the full forward.
+    ``vocabulary_tile``: vocabulary ids per tile of the packed head (see
+    :func:`head_only_logits`).
+
+    Returns once the work is queued on the device (on a CPU: done). On a GPU nothing
+    here waits for the GPU but the model's own forward, which waits for the work
+    queued before it as it starts (transformers reads the attention mask to choose
+    an attention kernel); so the caller may queue the next batch before it asks for
+    this one's result, and the GPU computes that batch while the CPU turns this one
+    into rows."""
     if head_only is None:
         head_only = head_only_applies(lm.model)
     input_ids, mask = padded_batch(lm, batch)

@@ -166,7 +166,7 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
     Each output equals :func:`score` of its spec alone (float32, within 1e-5);
     ``provenance["batch_size"]`` is the number of texts in the forward pass it ran in.
     ``chunk_rows``, ``head_only`` and ``vocabulary_tile`` go to
-    :func:`batch_token_logprobs`; the defaults suit the model and device
+    :func:`launch_token_logprobs`; the defaults suit the model and device
     (``head_only=False`` forces the full forward pass). ``on_batch(indices, outputs)``
     gets each batch's outputs as soon as its forward pass is done (texts that could
     not be prepared are handed on first).

@@ -323,9 +323,9 @@ def in_process_scoring(lm: object, specs: list, lookahead: bool) -> None:
 
 def report_syncs(lm: object, batch: list[list[int]]) -> None:
     """Where queuing one batch (``launch_token_logprobs``) waits for the GPU: torch's
-    sync debug mode warns at each host-device synchronization. One or two, as the
-    forward starts (transformers reads the attention mask), are expected; any later
-    would stall the lookahead."""
+    sync debug mode warns at each host-device synchronization. None are expected
+    (the base model runs without an attention mask, so transformers does not read
+    one on the host to choose a kernel); any would stall the lookahead."""
     import warnings
 
     import torch

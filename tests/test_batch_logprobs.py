@@ -17,6 +17,8 @@ from worker.backends.hf_batch_logprobs import (
     chunked_scores,
     default_chunk_rows,
     head_only_applies,
+    launch_token_logprobs,
+    padding_mask,
     tile_log_sum,
 )
 from worker.backends.hf_common import alternatives_from_topk
@@ -116,6 +118,32 @@ def test_batch_matches_each_text_alone(model_path: str, head_only: bool | None,
     if texts == "distinct":
         # More than one chunk even at the CPU default.
         assert prefixes.distinct > default_chunk_rows(lm.model.get_output_embeddings())
+
+
+def test_packed_head_runs_the_base_model_without_a_mask(model_path: str) -> None:
+    """The packed-head path passes no attention mask (right padding, causal attention):
+    each text's own positions get the hidden states the masked call gives them, bit
+    for bit, and the scores are the batch's (``test_batch_matches_each_text_alone``)."""
+    lm = loaded(model_path)
+    batch = [lm.tokenizer(text).input_ids for text in TEXTS]
+    assert len({len(ids) for ids in batch}) > 1  # padded
+    calls: list[tuple[dict, torch.Tensor]] = []
+    handle = lm.model.base_model.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((kwargs, output.last_hidden_state)),
+        with_kwargs=True)
+    try:
+        launch_token_logprobs(lm, batch, [0] * len(batch)).result()
+    finally:
+        handle.remove()
+    (kwargs, hidden), = calls
+    assert kwargs["attention_mask"] is None
+    with torch.inference_mode():
+        masked = lm.model.base_model(input_ids=kwargs["input_ids"],
+                                     attention_mask=padding_mask(lm, batch),
+                                     use_cache=False).last_hidden_state
+    assert not torch.equal(hidden, masked)  # padded positions differ, and are never read
+    for row, ids in enumerate(batch):
+        assert torch.equal(hidden[row, :len(ids)], masked[row, :len(ids)])
 
 
 @pytest.mark.parametrize("tile", [7, 64], ids=["tiles", "one-tile"])

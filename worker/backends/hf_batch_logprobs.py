@@ -131,22 +131,27 @@ def default_chunk_rows(head: torch.nn.Module) -> int:
     return DEFAULT_CHUNK_ROWS.get(head_device(head).type, DEFAULT_CHUNK_ROWS["cuda"])
 
 
-def padded_batch(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
-    """``batch`` right-padded (with EOS where the model has it, else 0) as
-    ``(input_ids, attention_mask)``."""
+def padded_batch(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``batch`` right-padded (with EOS where the model has it, else 0) as input ids."""
     longest = max(len(ids) for ids in batch)
-    # Any id the model embeds will do (padding is masked): EOS, unless the tokenizer's
-    # EOS lies outside the model's vocabulary (a tokenizer larger than the model).
+    # Any id the model embeds will do (padded positions come after a text's own, and
+    # are masked or never scored): EOS, unless the tokenizer's EOS lies outside the
+    # model's vocabulary (a tokenizer larger than the model).
     eos = lm.eos_token_id
     pad = eos if eos is not None and eos < lm.vocab_size else 0
-    # One tensor from padded lists, one comparison for the mask: a tensor and two
-    # slice assignments per text cost a 64-text batch of tiny probes ~1 ms.
+    # One tensor from padded lists: a tensor and a slice assignment per text cost a
+    # 64-text batch of tiny probes ~1 ms.
     input_ids = torch.tensor([[*ids, *[pad] * (longest - len(ids))] for ids in batch],
                              dtype=torch.long)
+    return to_device(input_ids, lm.device)
+
+
+def padding_mask(lm: LoadedModel, batch: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The attention mask of :func:`padded_batch` (1 on each text's own tokens)."""
+    longest = max(len(ids) for ids in batch)
     lengths = torch.tensor([len(ids) for ids in batch], dtype=torch.long)
     mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
-    return to_device(input_ids, lm.device), to_device(mask, lm.device)
+    return to_device(mask, lm.device)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -181,10 +186,22 @@ def default_vocabulary_tile(device: torch.device, chunk_rows: int, vocabulary: i
     return max(1, min(vocabulary, CPU_TILE_BYTES // (4 * chunk_rows)))
 
 
-def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor,
+def head_only_logits(lm: LoadedModel, batch: Sequence[Sequence[int]], input_ids: torch.Tensor,
                      positions: torch.Tensor, chunk_rows: int,
                      vocabulary_tile: int | None = None) -> RowLogits:
     """Runs the base model; the output layer is applied later, to packed rows only.
+
+    The base model gets no attention mask (``batch``, for the mask, is not needed):
+    the batch is padded on the right and attention is causal, so each text's own
+    positions attend to its own earlier tokens alone, mask or none, and only those
+    positions are scored (what padded positions compute is never read); the
+    architectures this path takes (:func:`head_only_applies`) number positions from
+    0 whatever the mask. Without one, transformers neither builds a [batch, 1,
+    length, length] mask nor reads it on the host to choose an attention kernel (on
+    a GPU, a wait for all the work queued before: the lookahead's one stall), and
+    SDPA runs its causal kernel (flash attention on a GPU). The scored positions'
+    hidden states equal the masked call's (bit for bit on a CPU;
+    ``tests/test_batch_logprobs.py``).
 
     A plain ``nn.Linear`` head computes ``rows @ weight[tile].T`` ``vocabulary_tile``
     ids at a time (default :func:`default_vocabulary_tile`) into one reused buffer
@@ -192,7 +209,7 @@ def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tenso
     once per chunk, on the whole vocabulary.
     """
     hidden = lm.model.base_model(
-        input_ids=input_ids, attention_mask=mask, use_cache=False
+        input_ids=input_ids, attention_mask=None, use_cache=False
     ).last_hidden_state
     head = lm.model.get_output_embeddings()
     packed = hidden.flatten(0, 1).index_select(0, to_device(positions, hidden.device))
@@ -217,13 +234,14 @@ def head_only_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tenso
     return RowLogits(rows_times_weight, vocabulary, tile)
 
 
-def full_forward_logits(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor,
-                        positions: torch.Tensor, chunk_rows: int,
+def full_forward_logits(lm: LoadedModel, batch: Sequence[Sequence[int]],
+                        input_ids: torch.Tensor, positions: torch.Tensor, chunk_rows: int,
                         vocabulary_tile: int | None = None) -> RowLogits:
     """Runs the whole model ([batch, length, vocabulary] logits); rows are packed
     later, a chunk at a time, into one reused buffer (``vocabulary_tile`` does not
     apply: the logits exist already, a chunk is one tile)."""
-    logits = lm.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)
+    logits = lm.model(input_ids=input_ids,
+                      attention_mask=padding_mask(lm, batch)).logits.flatten(0, 1)
     on_device = to_device(positions, logits.device)
     vocabulary = logits.shape[-1]
     buffer = torch.empty((min(chunk_rows, on_device.shape[0]), vocabulary),
@@ -436,7 +454,7 @@ def launch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
     into rows."""
     if head_only is None:
         head_only = head_only_applies(lm.model)
-    input_ids, mask = padded_batch(lm, batch)
+    input_ids = padded_batch(lm, batch)
     prefixes = distinct_prefix_rows(batch, input_ids.shape[1])
     targets = torch.tensor([t for ids in batch for t in ids[1:]], dtype=torch.long)
     row_top_k = torch.tensor([k for ids, k in zip(batch, top_k, strict=True)
@@ -445,7 +463,7 @@ def launch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
         chunk_rows = default_chunk_rows(lm.model.get_output_embeddings())
     with torch.inference_mode():
         row_logits = (head_only_logits if head_only else full_forward_logits)(
-            lm, input_ids, mask, prefixes.positions, chunk_rows, vocabulary_tile)
+            lm, batch, input_ids, prefixes.positions, chunk_rows, vocabulary_tile)
         scores = chunked_scores(row_logits, prefixes, targets, row_top_k, chunk_rows)
         pending = copied_to_host(scores)
     return LaunchedLogprobs(pending, [len(ids) - 1 for ids in batch], list(top_k))

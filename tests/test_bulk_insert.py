@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +50,14 @@ def test_job_rows_read_back_as_sqlalchemy_wrote_them(sessions: sessionmaker[Sess
             got, expected = read_job(session, str(ours[0])), read_job(session, str(theirs[0]))
             assert got[1:] == expected[1:]
             assert got[1:] == ours[1:]  # and both are what was written
+        # stored as SQLAlchemy stores them, not only read back alike (SQLite: the
+        # Boolean as the integer 1 / 0, the datetime as SQLAlchemy's text)
+        columns = ", ".join(JOB_COLUMNS[1:])
+        for ours, theirs in zip(bulk, reference, strict=True):
+            raw_ours, raw_theirs = (session.execute(text(
+                f"SELECT {columns} FROM jobs WHERE id = :id"), {"id": str(row[0])}).one()
+                for row in (ours, theirs))
+            assert tuple(raw_ours) == tuple(raw_theirs)
         # a column left out takes its server default on both paths
         job = session.get(Job, str(bulk[0][0]))
         assert job is not None and job.status is JobStatus.QUEUED and job.error is None

@@ -287,8 +287,10 @@ def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob
     plain = [(job_id, output) for (job_id, _, control), output in zip(jobs, outputs,
                                                                       strict=True)
              if job_id not in stored_early and _is_plain(output, control)]
+    plain_ids = {job_id for job_id, _ in plain}
     stored = stored_early | _store_batch(state, plain, {job_id: _job_values(spec, control)
-                                                        for job_id, spec, control in jobs})
+                                                        for job_id, spec, control in jobs
+                                                        if job_id in plain_ids})
     for (job_id, _, control), output in zip(jobs, outputs, strict=True):
         if job_id in stored:
             continue

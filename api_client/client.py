@@ -43,6 +43,29 @@ AnySpec = ScoreSpec | GenerateSpec
 _EMBEDDING_SPECS = (ArtifactEmbedding, NoiseEmbedding, InterpolateEmbedding)
 
 
+def _job_row(job: Mapping[str, Any], created_at: datetime,
+             sweep_id: str | None) -> dict[str, Any]:
+    """The ``jobs`` row (column values) of a job :meth:`Client.submit_many` planned:
+    ``{"id", "model", "spec" (parsed), "queue", "time_limit"}``."""
+    spec = job["spec"]
+    data = spec.model_dump(mode="json")
+    return {
+        "id": job["id"],
+        "kind": spec.kind,
+        "backend": spec.backend,
+        "model": spec.model,
+        "status": JobStatus.QUEUED,
+        "spec": data,
+        "queue": job["queue"],
+        "seed": getattr(spec, "seed", None),
+        "config_hash": config_hash_of(data),
+        "time_limit": job["time_limit"],
+        "created_at": created_at,
+        "sweep_id": sweep_id,
+        "spec_hash": spec_hash_of(data),
+    }
+
+
 class Client:
     """Submit probe jobs and read their results.
 
@@ -164,31 +187,19 @@ class Client:
         parsed = [parse_spec(s) for s in specs]
         for spec in parsed:
             check_logits_size_at_submit(spec, self.settings.max_logits_bytes)
-        now = datetime.now(timezone.utc)
-        rows = [  # column values, not ORM objects: thousands of jobs go in at once
-            {
-                "id": uuid.uuid4().hex,
-                "kind": spec.kind,
-                "backend": spec.backend,
-                "model": spec.model,
-                "status": JobStatus.QUEUED,
-                "spec": data,
-                "queue": queue or self.routes.get(spec.model) or self.queue
-                or default_queue(spec.backend),
-                "seed": getattr(spec, "seed", None),
-                "config_hash": config_hash_of(data),
-                "time_limit": time_limit,
-                "created_at": now,
-                "sweep_id": sweep_id,
-                "spec_hash": spec_hash_of(data),
-            }
-            for spec, data in ((spec, spec.model_dump(mode="json")) for spec in parsed)
-        ]
-        if not rows:
+        if not parsed:
             return []
-        for queue_name in {row["queue"] for row in rows}:
+        # What grouping into messages needs, for every job; the rest of each row (the
+        # spec as JSON, its hashes: most of the work) just before its message is
+        # written, so the first message goes out after its own rows, not everyone's.
+        planned = [{"id": uuid.uuid4().hex, "model": spec.model, "spec": spec,
+                    "queue": queue or self.routes.get(spec.model) or self.queue
+                    or default_queue(spec.backend), "time_limit": time_limit}
+                   for spec in parsed]
+        for queue_name in {job["queue"] for job in planned}:
             check_queue_name(queue_name)
-        by_id = {row["id"]: row for row in rows}
+        by_id = {job["id"]: job for job in planned}
+        now = datetime.now(timezone.utc)
         written: list[str] = []
         celery = self.celery  # a malformed broker URL is refused here, before any row
         try:
@@ -198,11 +209,13 @@ class Client:
                     producer = stack.enter_context(celery.producer_or_acquire())
                 except Exception as exc:
                     raise self._broker_error(exc) from exc
-                columns = tuple(rows[0])
-                for queue_name, items in chunk_messages(rows, chunk_size or self.chunk_size):
+                for queue_name, items in chunk_messages(planned, chunk_size or self.chunk_size):
+                    rows = [_job_row(by_id[item["id"]], now, sweep_id) for item in items]
+                    for item, row in zip(items, rows, strict=True):
+                        item["spec"] = row["spec"]
                     with session.begin():  # PostgreSQL: one COPY, not an INSERT per job
-                        insert_rows(session, Job, columns,
-                                    [tuple(by_id[item["id"]].values()) for item in items])
+                        insert_rows(session, Job, tuple(rows[0]),
+                                    [tuple(row.values()) for row in rows])
                     written.extend(item["id"] for item in items)
                     try:
                         self._send(producer, queue_name, items)
@@ -213,7 +226,7 @@ class Client:
                 with self.session() as session, session.begin():
                     session.execute(delete(Job).where(Job.id.in_(written)))
             raise
-        return [JobHandle(self, row["id"]) for row in rows]
+        return [JobHandle(self, job["id"]) for job in planned]
 
     def _enqueue(self, rows: Sequence[Mapping[str, Any]], chunk_size: int = 1) -> None:
         """Send messages for jobs whose rows exist already (``requeue``)."""

@@ -1,0 +1,247 @@
+"""The worker's scoring pipeline against a simulated GPU, on a CPU.
+
+On a GPU, logprobe end to end can only be as fast as the bare batched forward pass
+if everything else (the broker, claiming and storing in SQL, building the rows,
+the worker's Python) runs while the GPU computes. ``bench/gpu_check.py`` measures
+that on a real GPU; this script estimates it where there is none, so that a change
+to the pipeline can be judged before a GPU session:
+
+- the worker is the real one (``logprobe worker --backend hf``, Celery, Redis,
+  SQL), serving a LLaMA of negligible size (hidden 16, one layer, 1,000 ids), its
+  math threads limited to one core (a GPU worker's launching thread uses one);
+- each batch it launches also occupies a *virtual device* for ``padded tokens x
+  seconds per token``, on one timeline (a batch starts when it is queued or when
+  the batch before it ends); collecting a batch sleeps until its virtual end
+  (the GIL released, as a wait on a CUDA event releases it), and the lookahead is
+  on, as on CUDA;
+- the seconds per token are set so that the bare batched forward of the texts
+  (all of them planned at the CUDA budget) takes ``--device-seconds``: 0.80 s is
+  what an H100 took for the 512 paragraphs on a Llama-2-7B shape in float16
+  (docs/throughput.md, "On a GPU").
+
+It prints end to end against the virtual bare forward (issue 6's ratio) per worker
+configuration and chunk size. The estimate is this machine's CPU against an H100's
+time: the GPU machine's CPU is faster (the real H100 runs left less idle than this
+script does for the same configuration), so read the configurations' order and the
+effect of a change, not the absolute ratio. With ``--pool prefork --concurrency 2``
+each pool process would have a device of its own: compare one pool process, or
+threads.
+
+    python bench/virtual_gpu.py                       # default configurations
+    python bench/virtual_gpu.py --chunk-size 64 --chunk-size 256 \\
+        "--worker-args=" "--worker-args=--pool threads --concurrency 2"
+
+The worker process runs this module with ``--worker`` (the device patched in at
+Celery's ``worker_init``, before the pool starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+#: Seconds of virtual device time per padded token (set by the driver).
+ENV_SECONDS_PER_TOKEN = "LOGPROBE_VIRTUAL_GPU_SECONDS_PER_TOKEN"
+NANO_SHAPE = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000,
+              "max_position_embeddings": 4096}
+
+
+class VirtualDevice:
+    """One serial timeline: a batch queued at ``t`` with cost ``c`` ends at
+    ``max(t, end of the batch before) + c``."""
+
+    def __init__(self, seconds_per_token: float) -> None:
+        self.seconds_per_token = seconds_per_token
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def queue(self, queued_at: float, padded_tokens: int) -> float:
+        """The virtual end of a batch of ``padded_tokens`` queued at ``queued_at``."""
+        with self._lock:
+            self._free_at = (max(queued_at, self._free_at)
+                             + padded_tokens * self.seconds_per_token)
+            return self._free_at
+
+
+def install_virtual_device(**_: Any) -> None:
+    """Patch the worker's hf scoring: each launched batch also takes its virtual
+    device time, which collecting it waits for; lookahead on."""
+    import worker.backends.hf as hf
+    import worker.backends.hf_score as hf_score
+
+    device = VirtualDevice(float(os.environ[ENV_SECONDS_PER_TOKEN]))
+    launch = hf_score.launch_token_logprobs
+    score_batch = hf_score.score_batch
+
+    def launch_on_device(lm: Any, batch: Any, top_k: Any, **options: Any) -> Any:
+        queued_at = time.monotonic()  # a GPU starts on the first kernel queued
+        launched = launch(lm, batch, top_k, **options)
+        ends_at = device.queue(queued_at, len(batch) * max(map(len, batch)))
+        wait = launched.pending.wait
+
+        def wait_for_device() -> Any:
+            time.sleep(max(0.0, ends_at - time.monotonic()))
+            return wait()
+
+        launched.pending.wait = wait_for_device
+        return launched
+
+    def score_batch_with_lookahead(*args: Any, lookahead: bool | None = None,
+                                   **kwargs: Any) -> Any:
+        return score_batch(*args, lookahead=True if lookahead is None else lookahead,
+                           **kwargs)
+
+    hf_score.launch_token_logprobs = launch_on_device  # type: ignore[assignment]
+    hf.score_batch = score_batch_with_lookahead  # type: ignore[assignment]
+
+
+def run_worker(argv: list[str]) -> None:
+    from celery.signals import worker_init
+
+    from worker.__main__ import main as worker_main
+
+    worker_init.connect(install_virtual_device, weak=False)
+    sys.argv = ["logprobe-worker", *argv]
+    worker_main()
+
+
+def build_nano_model(path: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_models import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**NANO_SHAPE, bos_token_id=1, eos_token_id=2,
+                                         tie_word_embeddings=False))
+    model.save_pretrained(path)
+    gpt2_tokenizer().save_pretrained(path)
+    return path
+
+
+def paragraph_lengths(count: int) -> list[int]:
+    """Token counts of ``count`` benchmark paragraphs, BOS included (gpu_check's)."""
+    from bench.corpus import paragraphs
+    from tests.tiny_models import gpt2_tokenizer
+
+    return [len(ids) + 1 for ids in gpt2_tokenizer()(
+        paragraphs(count), add_special_tokens=False)["input_ids"]]
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--worker"]:
+        run_worker(sys.argv[2:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument("--device-seconds", type=float, default=0.80,
+                        help="the virtual bare batched forward of the texts (seconds)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunk-size", type=int, action="append",
+                        help="jobs per message (repeat; default 64 and 256)")
+    parser.add_argument("--worker-args", action="append", metavar="ARGS",
+                        help="a worker configuration (repeat; default: the defaults, "
+                             "and --pool threads --concurrency 2)")
+    args = parser.parse_args()
+    chunk_sizes = args.chunk_size or [64, 256]
+    configurations = args.worker_args or ["", "--pool threads --concurrency 2"]
+
+    from api_client import Client
+    from api_client.specs import ScoreSpec
+    from bench.gpu_check import stop_embedded, stop_workers, sweep_timeline
+    from bench.throughput import wait_all_succeeded
+    from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget
+
+    work = Path(tempfile.mkdtemp(prefix="logprobe-virtual-gpu-"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env.setdefault("LOGPROBE_HOME", str(work / "home"))
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               LOGPROBE_BATCH_TOKENS=str(DEFAULT_BATCH_TOKENS["cuda"]))
+    os.environ.update({k: env[k] for k in ("LOGPROBE_HOME", "HF_HUB_OFFLINE")})
+    lengths = paragraph_lengths(args.texts)
+    plan = BatchBudget(tokens=DEFAULT_BATCH_TOKENS["cuda"]).plan(lengths)
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in plan)
+    env[ENV_SECONDS_PER_TOKEN] = repr(args.device_seconds / padded)
+    rng = random.Random(1)
+    vocab = NANO_SHAPE["vocab_size"]
+    id_lists = [[1, *(rng.randrange(3, vocab) for _ in range(n - 1))] for n in lengths]
+    print(f"{len(lengths)} paragraphs, {sum(n - 1 for n in lengths)} scored tokens; "
+          f"virtual bare forward {args.device_seconds:.2f} s ({len(plan)} batches, "
+          f"{padded} padded tokens)", flush=True)
+    rows = []
+    try:
+        model_dir = str(build_nano_model(work / "nano-llama"))
+        with Client() as client:
+            for number, worker_args in enumerate(configurations):
+                queue = f"logprobe.hf.virtual-gpu-{os.getpid()}-{number}"
+                log = (work / f"worker-{number}.log").open("wb")
+                worker = subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve()), "--worker", "--backend",
+                     "hf", "--queues", queue, "--loglevel", "info",
+                     *shlex.split(worker_args)],
+                    env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+                try:
+                    for chunk_size in chunk_sizes:
+                        def round_trip(chunk_size: int = chunk_size,
+                                       queue: str = queue) -> tuple[float, str]:
+                            sweep_id = uuid.uuid4().hex
+                            specs = [ScoreSpec(model=model_dir, token_ids=ids, reuse=False)
+                                     for ids in id_lists]
+                            started, submitted = time.perf_counter(), time.time()
+                            client.submit_many(specs, sweep_id=sweep_id, queue=queue,
+                                               chunk_size=chunk_size)
+                            sent = time.time()
+                            wait_all_succeeded(client, sweep_id, len(specs), interval=0.02)
+                            seconds = time.perf_counter() - started
+                            return seconds, sweep_timeline(client, sweep_id, submitted, sent,
+                                                           time.time())
+
+                        round_trip()  # warm-up: the model loads
+                        times, timelines = [], []
+                        for _ in range(args.rounds):
+                            seconds, timeline = round_trip()
+                            times.append(seconds)
+                            timelines.append(timeline)
+                        median = statistics.median(times)
+                        rows.append((worker_args or "(defaults)", chunk_size, median,
+                                     args.device_seconds / median, times))
+                        rounds = [f"{t:.2f} s: {line}"
+                                  for t, line in zip(times, timelines, strict=True)]
+                        print(f"`{worker_args or '(defaults)'}`, {chunk_size} jobs per "
+                              f"message: median {median:.2f} s = "
+                              f"{args.device_seconds / median:.2f}x the virtual bare forward; "
+                              "rounds:\n  " + "\n  ".join(rounds), flush=True)
+                finally:
+                    stop_workers([worker])
+    finally:
+        if not os.environ.get("LOGPROBE_REDIS_URL"):
+            stop_embedded(Path(env["LOGPROBE_HOME"]) / "redis")
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n| worker configuration | jobs per message | median s | vs virtual bare forward "
+          "| rounds (s) |\n| --- | ---: | ---: | ---: | --- |")
+    for worker_args, chunk_size, median, ratio, times in rows:
+        print(f"| `{worker_args}` | {chunk_size} | {median:.2f} | {ratio:.2f}x | "
+              f"{', '.join(f'{t:.2f}' for t in times)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

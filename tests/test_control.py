@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from api_client.constants import cancel_key, progress_key
+from api_client.constants import LIVE_KEY_TTL, cancel_key, progress_key
 from worker.control import JobControl, LiveState, Monitor, live_state
 
 
@@ -92,6 +92,12 @@ def test_a_longer_message_reports_progress_and_then_final(redis_client) -> None:
     finally:
         monitor.stop()
     for control in controls:
-        report = redis_client.hgetall(progress_key(control.job_id))
+        key = progress_key(control.job_id)
+        report = redis_client.hgetall(key)
         assert (report[b"final"], report[b"done"], report[b"total"]) == (b"1", b"10", b"10")
+        assert (report[b"worker"], report[b"pid"], report[b"unit"]) == (
+            b"w", str(os.getpid()).encode(), b"tokens")
+        assert float(report[b"started"]) == control.begun_at
+        assert time.time() - 5 < float(report[b"updated"]) <= time.time()
+        assert 0 < redis_client.ttl(key) <= LIVE_KEY_TTL
     redis_client.delete(*(progress_key(c.job_id) for c in controls))

@@ -127,8 +127,8 @@ class JobControl:
         """Whether the monitor saw the job's cancel flag (also for a job not computing)."""
         return self._cancel.is_set()
 
-    def report_into(self, pipe: Any, final: bool = False) -> None:
-        """Queue this job's progress hash (the heartbeat) on a Redis pipeline."""
+    def report_fields(self, final: bool = False) -> dict[str, Any]:
+        """This job's progress hash (the heartbeat), as :class:`Monitor` writes it."""
         fields: dict[str, Any] = {
             "done": self.done, "unit": self.unit, "updated": time.time(),
             "worker": self.worker, "pid": os.getpid(), "host": socket.gethostname(),
@@ -140,15 +140,29 @@ class JobControl:
             fields["started"] = self.begun_at
         if self.attempt is not None:
             fields["attempt"] = self.attempt
-        key = progress_key(self.job_id)
-        pipe.hset(key, mapping=fields)
-        pipe.expire(key, LIVE_KEY_TTL)
+        return fields
+
+
+#: Writes many jobs' progress hashes in one command. KEYS: the hashes; ARGV[1]: their
+#: time to live; then per key, its number of fields and the fields and values. (A
+#: pipeline of HSET and EXPIRE per job cost a 256-job message ~15 ms of the worker's
+#: Python per report, against ~5 ms so.)
+_WRITE_PROGRESS = """
+local ttl = ARGV[1]
+local pos = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[pos])
+  redis.call('HSET', KEYS[k], unpack(ARGV, pos + 1, pos + 2 * n))
+  redis.call('EXPIRE', KEYS[k], ttl)
+  pos = pos + 1 + 2 * n
+end
+"""
 
 
 class Monitor:
     """One thread for all the jobs of a message: every ``CANCEL_POLL_INTERVAL`` it reads
     their cancel flags and, from ``first_report_delay`` on, every ``PROGRESS_INTERVAL``
-    it writes their progress, each in one Redis round trip (a thread and a poll per
+    it writes their progress, each in one Redis command (a thread and a poll per
     job cost a batch of tiny probes more than their compute). Jobs whose progress was
     written get a final report when the message ends."""
 
@@ -160,6 +174,8 @@ class Monitor:
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
         self._reported = False
+        self._write_progress = (self.redis.register_script(_WRITE_PROGRESS)
+                                if self.redis is not None else None)
 
     def _poll_cancel_flags(self) -> None:
         running = [control for control in self.controls if not control._cancel.is_set()]
@@ -172,11 +188,16 @@ class Monitor:
                 control._cancel.set()
 
     def _report(self, final: bool = False) -> None:
-        pipe = self.redis.pipeline(transaction=False)
+        keys: list[str] = []
+        args: list[Any] = [LIVE_KEY_TTL]
         for control in self.controls:
-            control.report_into(pipe, final)
+            fields = control.report_fields(final)
+            keys.append(progress_key(control.job_id))
+            args.append(len(fields))
+            for name, value in fields.items():
+                args += (name, value)
         self._reported = True  # even if it fails midway: a final report then tidies up
-        pipe.execute()
+        self._write_progress(keys=keys, args=args)
 
     def _watch(self) -> None:
         next_report = time.monotonic() + self.first_report_delay

@@ -447,11 +447,10 @@ def launch_token_logprobs(lm: LoadedModel, batch: Sequence[Sequence[int]],
     :func:`head_only_logits`).
 
     Returns once the work is queued on the device (on a CPU: done). On a GPU nothing
-    here waits for the GPU but the model's own forward, which waits for the work
-    queued before it as it starts (transformers reads the attention mask to choose
-    an attention kernel); so the caller may queue the next batch before it asks for
-    this one's result, and the GPU computes that batch while the CPU turns this one
-    into rows."""
+    here waits for the GPU (the full forward's model, given an attention mask, reads
+    it on the host as it starts, which waits for the work queued before); so the
+    caller may queue the next batch before it asks for this one's result, and the
+    GPU computes that batch while the CPU turns this one into rows."""
     if head_only is None:
         head_only = head_only_applies(lm.model)
     input_ids = padded_batch(lm, batch)

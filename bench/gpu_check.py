@@ -50,6 +50,10 @@ SHAPES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32000,
              "max_position_embeddings": 4096},
+    # Negligible compute, for bench/virtual_gpu.py (ids below 1,000).
+    "nano": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000,
+             "max_position_embeddings": 4096},
 }
 PROMPT = "The quick brown fox jumps over the lazy dog"  # GPT-2 ids, all below 32000
 
@@ -182,13 +186,9 @@ def scoring_ratios(client: object, queue: str, model: object, model_dir: Path, d
     benchmark's paragraphs (random ids: the GPT-2 tokenizer's ids run past this
     vocabulary), then on ``--long-texts`` texts of ``--long-length`` tokens. Methods
     interleaved, medians."""
-    from bench.corpus import paragraphs
-    from tests.tiny_models import gpt2_tokenizer
-
     runs = {}
     if args.ratio_texts:
-        runs["paragraphs"] = [len(ids) + 1 for ids in gpt2_tokenizer()(  # + 1: BOS, as there
-            paragraphs(args.ratio_texts), add_special_tokens=False)["input_ids"]]
+        runs["paragraphs"] = paragraph_lengths(args.ratio_texts)
     if args.long_texts:
         runs[f"{args.long_length}-token texts"] = [args.long_length] * args.long_texts
     for what, lengths in runs.items():
@@ -196,6 +196,17 @@ def scoring_ratios(client: object, queue: str, model: object, model_dir: Path, d
             f"{args.profile_worker.name}-{variant}-{what.split()[0]}")
         compare_scoring(client, queue, model, model_dir, dtype, device, spec_device, lengths,
                         what, args, worker_pids, variant, profile, notebook)
+
+
+def paragraph_lengths(count: int) -> list[int]:
+    """Token counts of ``count`` of the CPU benchmark's paragraphs, BOS included (as
+    there; the texts get random ids of these lengths: the GPT-2 tokenizer's ids run
+    past the test models' vocabularies)."""
+    from bench.corpus import paragraphs
+    from tests.tiny_models import gpt2_tokenizer
+
+    return [len(ids) + 1 for ids in gpt2_tokenizer()(
+        paragraphs(count), add_special_tokens=False)["input_ids"]]
 
 
 def compare_scoring(client: object, queue: str, model: object, model_dir: Path, dtype: str,

@@ -57,9 +57,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 #: Seconds of virtual device time per padded token (set by the driver).
 ENV_SECONDS_PER_TOKEN = "LOGPROBE_VIRTUAL_GPU_SECONDS_PER_TOKEN"
-NANO_SHAPE = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000,
-              "max_position_embeddings": 4096}
+
 
 
 class VirtualDevice:
@@ -121,29 +119,6 @@ def run_worker(argv: list[str]) -> None:
     worker_main()
 
 
-def build_nano_model(path: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.tiny_models import gpt2_tokenizer
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**NANO_SHAPE, bos_token_id=1, eos_token_id=2,
-                                         tie_word_embeddings=False))
-    model.save_pretrained(path)
-    gpt2_tokenizer().save_pretrained(path)
-    return path
-
-
-def paragraph_lengths(count: int) -> list[int]:
-    """Token counts of ``count`` benchmark paragraphs, BOS included (gpu_check's)."""
-    from bench.corpus import paragraphs
-    from tests.tiny_models import gpt2_tokenizer
-
-    return [len(ids) + 1 for ids in gpt2_tokenizer()(
-        paragraphs(count), add_special_tokens=False)["input_ids"]]
-
-
 def main() -> int:
     if sys.argv[1:2] == ["--worker"]:
         run_worker(sys.argv[2:])
@@ -164,7 +139,14 @@ def main() -> int:
 
     from api_client import Client
     from api_client.specs import ScoreSpec
-    from bench.gpu_check import stop_embedded, stop_workers, sweep_timeline
+    from bench.gpu_check import (
+        SHAPES,
+        build_model,
+        paragraph_lengths,
+        stop_embedded,
+        stop_workers,
+        sweep_timeline,
+    )
     from bench.throughput import wait_all_succeeded
     from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget
 
@@ -180,14 +162,14 @@ def main() -> int:
     padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in plan)
     env[ENV_SECONDS_PER_TOKEN] = repr(args.device_seconds / padded)
     rng = random.Random(1)
-    vocab = NANO_SHAPE["vocab_size"]
+    vocab = SHAPES["nano"]["vocab_size"]
     id_lists = [[1, *(rng.randrange(3, vocab) for _ in range(n - 1))] for n in lengths]
     print(f"{len(lengths)} paragraphs, {sum(n - 1 for n in lengths)} scored tokens; "
           f"virtual bare forward {args.device_seconds:.2f} s ({len(plan)} batches, "
           f"{padded} padded tokens)", flush=True)
     rows = []
     try:
-        model_dir = str(build_nano_model(work / "nano-llama"))
+        model_dir = str(build_model(work / "nano-llama", "nano", "float32"))
         with Client() as client:
             for number, worker_args in enumerate(configurations):
                 queue = f"logprobe.hf.virtual-gpu-{os.getpid()}-{number}"

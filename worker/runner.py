@@ -282,7 +282,9 @@ def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob
     finally:
         stored_early = early.stored() if early is not None else set()
     returned = time.monotonic()
-    outputs = [_refuse_nan(output) for output in outputs]
+    # (the early store checked its own outputs already)
+    outputs = [output if job_id in stored_early else _refuse_nan(output)
+               for (job_id, _, _), output in zip(jobs, outputs, strict=True)]
     # Plain successes in one bulk transaction; failures, stopped and logits jobs alone.
     plain = [(job_id, output) for (job_id, _, control), output in zip(jobs, outputs,
                                                                       strict=True)

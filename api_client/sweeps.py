@@ -2,7 +2,11 @@
 
 A sweep is a set of job rows sharing a ``sweep_id`` (one SQL query selects it),
 sent to the broker in few messages: jobs of the same queue and model are packed
-``chunk_size`` to a message, so a worker claims and scores them as a batch.
+``chunk_size`` to a message, so a worker claims and scores them as a batch. Jobs are
+packed in order of input length: a worker pads each batch to its longest text, and
+messages of texts in random order gave their batches 27% (64 a message) and 7% (256)
+more padded tokens than one plan over all the texts (2,048 paragraphs of the GPU
+benchmark, batches of at most 64); sorted, none.
 
 Chunk size trades batching against fairness. A message is one unit of work for
 one worker process (prefetch 1, acked when all its jobs are stored), so with W
@@ -43,8 +47,10 @@ def chunk_messages(
     rows: Sequence[Mapping[str, Any]], chunk_size: int
 ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """``(queue, [{"id", "spec", "time_limit"}, ...])`` per message, from job rows'
-    column values: same queue and model, in order. A job without a time limit of its
-    own gets the default (:func:`~api_client.broker.default_job_time_limit`)."""
+    column values: same queue and model, ordered by input length (:func:`input_length`)
+    so that a message holds texts of similar length and the worker's padded batches
+    waste little. A job without a time limit of its own gets the default
+    (:func:`~api_client.broker.default_job_time_limit`)."""
     if chunk_size < 1:
         raise SpecError(f"chunk_size must be at least 1, got {chunk_size}")
     default_limit = default_job_time_limit()
@@ -54,8 +60,27 @@ def chunk_messages(
             {"id": row["id"], "spec": row["spec"],
              "time_limit": row.get("time_limit") or default_limit})
     for (queue, _model), items in groups.items():
+        if len(items) > chunk_size:
+            items.sort(key=lambda item: input_length(item["spec"]))
         for start in range(0, len(items), chunk_size):
             yield queue, items[start : start + chunk_size]
+
+
+def input_length(spec: ScoreSpec | GenerateSpec | Mapping[str, Any]) -> tuple[int, int]:
+    """How long a job's input is, to sort jobs by: ``(0, token ids)`` where the spec
+    gives ids, ``(1, characters)`` of its text or prompt, ``(2, 0)`` otherwise
+    (embeddings, chat messages). Ids and characters are not compared with each other.
+    ``spec``: a spec object, or its JSON dict (jobs read back from SQL)."""
+    def field(name: str) -> Any:
+        return spec.get(name) if isinstance(spec, Mapping) else getattr(spec, name, None)
+
+    token_ids = field("token_ids")
+    if token_ids:
+        return 0, len(token_ids)
+    text = field("text") or field("prompt")
+    if isinstance(text, str):
+        return 1, len(text)
+    return 2, 0
 
 
 def sweep_specs(

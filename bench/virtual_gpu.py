@@ -20,12 +20,14 @@ to the pipeline can be judged before a GPU session:
   (docs/throughput.md, "On a GPU").
 
 It prints end to end against the virtual bare forward (issue 6's ratio) per worker
-configuration and chunk size. The estimate is this machine's CPU against an H100's
-time: the GPU machine's CPU is faster (the real H100 runs left less idle than this
-script does for the same configuration), so read the configurations' order and the
-effect of a change, not the absolute ratio. With ``--pool prefork --concurrency 2``
-each pool process would have a device of its own: compare one pool process, or
-threads.
+configuration and chunk size, and per round where the time went: the submit, the
+worker's span, and the device's padded tokens (against the bare forward's: padding
+the worker's batches added), busy and idle time. The estimate is this machine's CPU
+against an H100's time: the GPU machine's CPU is faster (the real H100 runs left
+less idle than this script does for the same configuration), so read the
+configurations' order and the effect of a change, not the absolute ratio. With
+``--pool prefork --concurrency 2`` each pool process would have a device of its
+own: compare one pool process, or threads.
 
     python bench/virtual_gpu.py                       # default configurations
     python bench/virtual_gpu.py --chunk-size 64 --chunk-size 256 \\
@@ -57,24 +59,41 @@ sys.path.insert(0, str(REPO_ROOT))
 
 #: Seconds of virtual device time per padded token (set by the driver).
 ENV_SECONDS_PER_TOKEN = "LOGPROBE_VIRTUAL_GPU_SECONDS_PER_TOKEN"
-
+#: Where the worker appends a line per batch: start and end (monotonic), padded tokens.
+ENV_DEVICE_LOG = "LOGPROBE_VIRTUAL_GPU_LOG"
 
 
 class VirtualDevice:
     """One serial timeline: a batch queued at ``t`` with cost ``c`` ends at
-    ``max(t, end of the batch before) + c``."""
+    ``max(t, end of the batch before) + c``. Each batch is logged to ``log``."""
 
-    def __init__(self, seconds_per_token: float) -> None:
+    def __init__(self, seconds_per_token: float, log: str | None = None) -> None:
         self.seconds_per_token = seconds_per_token
+        self.log = log
         self._lock = threading.Lock()
         self._free_at = 0.0
 
     def queue(self, queued_at: float, padded_tokens: int) -> float:
         """The virtual end of a batch of ``padded_tokens`` queued at ``queued_at``."""
         with self._lock:
-            self._free_at = (max(queued_at, self._free_at)
-                             + padded_tokens * self.seconds_per_token)
+            start = max(queued_at, self._free_at)
+            self._free_at = start + padded_tokens * self.seconds_per_token
+            if self.log:
+                with open(self.log, "a") as log:
+                    log.write(f"{start:.6f} {self._free_at:.6f} {padded_tokens}\n")
             return self._free_at
+
+
+def device_use(lines: list[str]) -> str:
+    """A round's batches (lines of the device log): padded tokens, busy seconds, and
+    the device's idle time between its first batch's start and last batch's end."""
+    batches = [line.split() for line in lines]
+    starts = [float(start) for start, _, _ in batches]
+    ends = [float(end) for _, end, _ in batches]
+    busy = sum(end - start for start, end in zip(starts, ends, strict=True))
+    padded = sum(int(tokens) for _, _, tokens in batches)
+    return (f"device: {len(batches)} batches, {padded} padded tokens, busy {busy:.3f}s, "
+            f"idle {max(ends) - min(starts) - busy:.3f}s between its first and last batch")
 
 
 def install_virtual_device(**_: Any) -> None:
@@ -83,7 +102,8 @@ def install_virtual_device(**_: Any) -> None:
     import worker.backends.hf as hf
     import worker.backends.hf_score as hf_score
 
-    device = VirtualDevice(float(os.environ[ENV_SECONDS_PER_TOKEN]))
+    device = VirtualDevice(float(os.environ[ENV_SECONDS_PER_TOKEN]),
+                           os.environ.get(ENV_DEVICE_LOG))
     launch = hf_score.launch_token_logprobs
     score_batch = hf_score.score_batch
 
@@ -174,6 +194,9 @@ def main() -> int:
             for number, worker_args in enumerate(configurations):
                 queue = f"logprobe.hf.virtual-gpu-{os.getpid()}-{number}"
                 log = (work / f"worker-{number}.log").open("wb")
+                device_log = work / f"device-{number}.log"
+                device_log.touch()
+                env[ENV_DEVICE_LOG] = str(device_log)
                 worker = subprocess.Popen(
                     [sys.executable, str(Path(__file__).resolve()), "--worker", "--backend",
                      "hf", "--queues", queue, "--loglevel", "info",
@@ -183,18 +206,22 @@ def main() -> int:
                 try:
                     for chunk_size in chunk_sizes:
                         def round_trip(chunk_size: int = chunk_size,
-                                       queue: str = queue) -> tuple[float, str]:
+                                       queue: str = queue,
+                                       device_log: Path = device_log) -> tuple[float, str]:
                             sweep_id = uuid.uuid4().hex
                             specs = [ScoreSpec(model=model_dir, token_ids=ids, reuse=False)
                                      for ids in id_lists]
+                            logged = len(device_log.read_text().splitlines())
                             started, submitted = time.perf_counter(), time.time()
                             client.submit_many(specs, sweep_id=sweep_id, queue=queue,
                                                chunk_size=chunk_size)
                             sent = time.time()
                             wait_all_succeeded(client, sweep_id, len(specs), interval=0.02)
                             seconds = time.perf_counter() - started
-                            return seconds, sweep_timeline(client, sweep_id, submitted, sent,
-                                                           time.time())
+                            timeline = sweep_timeline(client, sweep_id, submitted, sent,
+                                                      time.time())
+                            batches = device_log.read_text().splitlines()[logged:]
+                            return seconds, f"{timeline}; {device_use(batches)}"
 
                         round_trip()  # warm-up: the model loads
                         times, timelines = [], []

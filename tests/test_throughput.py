@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 import time
 import uuid
@@ -26,6 +27,7 @@ from api_client.database import make_engine, make_sessionmaker
 from api_client.results import Alternative, SequenceResult, TokenLogprob
 from api_client.schema import Job, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
+from api_client.specs import ScoreSpec
 from api_client.sweeps import chunk_messages, sweep_specs
 from tests.conftest import make_database
 from tests.helpers import WorkerProcess, add_jobs
@@ -293,6 +295,26 @@ def test_jobs_are_chunked_per_queue_and_model() -> None:
     assert len(messages) == 3 + 2  # 86 jobs of model a, 44 of model b
     ids = [item["id"] for _, items in messages for item in items]
     assert sorted(ids, key=int) == [str(i) for i in range(130)]
+
+
+def test_messages_hold_jobs_of_similar_input_length() -> None:
+    rng = random.Random(0)
+    texts = ["word " * rng.randrange(1, 200) for _ in range(100)]
+    rows = [{"id": f"t{i}", "spec": ScoreSpec(model="m", text=text), "queue": "q",
+             "model": "m"} for i, text in enumerate(texts)]
+    ids = [[3] * rng.randrange(1, 50) for _ in range(40)]  # JSON specs, as requeue sends
+    rows += [{"id": f"i{i}", "spec": {"kind": "score", "model": "m", "token_ids": ids[i]},
+              "queue": "q", "model": "m"} for i in range(40)]
+    messages = [items for _, items in chunk_messages(rows, 16)]
+    assert sum(map(len, messages)) == 140 and all(len(items) <= 16 for items in messages)
+    sent = [item["spec"] for items in messages for item in items]
+    # token ids first (fewest first), then texts (shortest first): each message is a
+    # run of similar lengths, so its batches pad little
+    assert [len(spec["token_ids"]) for spec in sent[:40]] == sorted(map(len, ids))
+    assert [len(spec.text) for spec in sent[40:]] == sorted(map(len, texts))
+    # all in one message: submission order kept
+    one = [item["id"] for _, items in chunk_messages(rows, 200) for item in items]
+    assert one == [row["id"] for row in rows]
 
 
 # --- result reuse -----------------------------------------------------------------------

@@ -177,11 +177,12 @@ def bare_generate(model: object, tokenizer: object, device: str, new_tokens: int
 
 def scoring_ratios(client: object, queue: str, model: object, model_dir: Path, dtype: str,
                    device: str, spec_device: str | None, args: argparse.Namespace,
-                   worker_pids: list[int], variant: str, notebook: bool) -> None:
+                   worker_pids: list[int], variant: str, first: bool) -> None:
     """Issue 6's GPU targets: logprobe end to end (a sweep through the queue, every
     token row committed) against the bare batched forward pass (full logits, nothing
-    else) and, if ``notebook``, the notebook loop (one ``model(ids, labels=ids)`` and
-    log-softmax per text), both run in this process on ``device`` with the same model,
+    else) and, for the ``first`` worker configuration, the worker's ``score_batch`` and
+    (unless ``--skip-notebook``) the notebook loop (one ``model(ids, labels=ids)`` and
+    log-softmax per text), all run in this process on ``device`` with the same model,
     dtype and token ids. First on ``--ratio-texts`` texts with the lengths of the CPU
     benchmark's paragraphs (random ids: the GPT-2 tokenizer's ids run past this
     vocabulary), then on ``--long-texts`` texts of ``--long-length`` tokens. Methods
@@ -195,7 +196,7 @@ def scoring_ratios(client: object, queue: str, model: object, model_dir: Path, d
         profile = args.profile_worker and args.profile_worker.with_name(
             f"{args.profile_worker.name}-{variant}-{what.split()[0]}")
         compare_scoring(client, queue, model, model_dir, dtype, device, spec_device, lengths,
-                        what, args, worker_pids, variant, profile, notebook)
+                        what, args, worker_pids, variant, profile, first)
 
 
 def paragraph_lengths(count: int) -> list[int]:
@@ -212,7 +213,7 @@ def paragraph_lengths(count: int) -> list[int]:
 def compare_scoring(client: object, queue: str, model: object, model_dir: Path, dtype: str,
                     device: str, spec_device: str | None, lengths: list[int], what: str,
                     args: argparse.Namespace, worker_pids: list[int], variant: str,
-                    profile: Path | None, notebook: bool) -> None:
+                    profile: Path | None, first: bool) -> None:
     """The three methods on texts of ``lengths`` (BOS, then random ids) in interleaved
     rounds; prints the table and the end-to-end rounds' timelines."""
     import statistics
@@ -253,9 +254,11 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
 
     methods = {"bare batched forward (full logits, nothing else)":
                    lambda: bare_batched_forward(model, id_lists, plan, 2, device)}
+    notebook = first and not args.skip_notebook
     if notebook:
         methods["notebook loop (model(ids, labels=ids) + log_softmax)"] = (
             lambda: notebook_loop(model, id_lists, device))
+    if first:
         # The worker's scoring (outputs built, nothing stored) on this process's model:
         # what the queue and the database cost is the gap from here to end to end.
         lm = in_process_model(model, model_dir, device)
@@ -272,6 +275,7 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     bare_batched_forward(model, id_lists, plan, 2, device)
     if notebook:
         notebook_loop(model, id_lists[:16], device)
+    if first:
         in_process_scoring(lm, specs, lookahead=True)  # and pinned host memory
     end_to_end()
     timelines.clear()
@@ -429,6 +433,9 @@ def main() -> int:
                              "to compare, e.g. '--concurrency 2' (repeat for several; "
                              "default: one configuration, the defaults). Generation and the "
                              "notebook loop run with the first only")
+    parser.add_argument("--skip-notebook", action="store_true",
+                        help="leave out the notebook loop (the slowest method: ~40 ms a "
+                             "text on an H100), e.g. on a workload sized for the queue")
     parser.add_argument("--profile-worker", type=Path, metavar="PATH",
                         help="py-spy the workers during generation and the timed comparison "
                              "rounds (collapsed stacks to PATH-<phase>.<pid>; needs py-spy)")
@@ -501,7 +508,7 @@ def main() -> int:
                     if args.ratio_texts or args.long_texts:
                         scoring_ratios(client, client.queue, reference, model_dir, dtype, device,
                                        spec_device, args, [w.pid for w in workers], variant,
-                                       notebook=number == 0)
+                                       first=number == 0)
                 finally:
                     stop_workers(workers)
     finally:

@@ -183,6 +183,13 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
                            dict(chunk_rows=chunk_rows, head_only=head_only,
                                 vocabulary_tile=vocabulary_tile))
     in_flight: tuple[list[int], Launched] | None = None
+
+    def collect_in_flight() -> None:
+        nonlocal in_flight
+        if in_flight is not None:
+            (done_indices, done), in_flight = in_flight, None
+            scoring.record(done_indices, scoring.collected(done))
+
     try:
         for batch_indices in budget.plan([len(ids) for _, ids in scoring.prepared]):
             items = [scoring.prepared[i] for i in batch_indices]
@@ -193,17 +200,13 @@ def score_batch(lm: LoadedModel, specs: Sequence[ScoreSpec],
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
-            if in_flight is not None:
-                (done_indices, done), in_flight = in_flight, None
-                scoring.record(done_indices, scoring.collected(done))
+            collect_in_flight()
             if launched is not None:
                 in_flight = (batch_indices, launched)
             else:  # one batch at a time, or one that ran out of memory as it was queued
                 scoring.record(batch_indices, run_with_backoff(items, scoring.forward, budget))
     finally:  # also when a later batch broke: the one in flight keeps its outputs
-        if in_flight is not None:
-            (done_indices, done), in_flight = in_flight, None
-            scoring.record(done_indices, scoring.collected(done))
+        collect_in_flight()
     return [out if out is not None else RuntimeError("not scored") for out in scoring.outputs]
 
 

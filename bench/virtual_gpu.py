@@ -59,6 +59,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 #: Seconds of virtual device time per padded token (set by the driver).
 ENV_SECONDS_PER_TOKEN = "LOGPROBE_VIRTUAL_GPU_SECONDS_PER_TOKEN"
+#: Seconds of Python (GIL held) added to queuing each batch (set by the driver).
+ENV_LAUNCH_PYTHON = "LOGPROBE_VIRTUAL_GPU_LAUNCH_PYTHON"
 #: Where the worker appends a line per batch: start and end (monotonic), padded tokens.
 ENV_DEVICE_LOG = "LOGPROBE_VIRTUAL_GPU_LOG"
 
@@ -104,12 +106,16 @@ def install_virtual_device(**_: Any) -> None:
 
     device = VirtualDevice(float(os.environ[ENV_SECONDS_PER_TOKEN]),
                            os.environ.get(ENV_DEVICE_LOG))
+    launch_python = float(os.environ.get(ENV_LAUNCH_PYTHON, "0"))
     launch = hf_score.launch_token_logprobs
     score_batch = hf_score.score_batch
 
     def launch_on_device(lm: Any, batch: Any, top_k: Any, **options: Any) -> Any:
         queued_at = time.monotonic()  # a GPU starts on the first kernel queued
         launched = launch(lm, batch, top_k, **options)
+        python_until = time.perf_counter() + launch_python
+        while time.perf_counter() < python_until:  # Python's work queuing a real model
+            pass
         ends_at = device.queue(queued_at, len(batch) * max(map(len, batch)))
         wait = launched.pending.wait
 
@@ -148,6 +154,11 @@ def main() -> int:
     parser.add_argument("--device-seconds", type=float, default=0.80,
                         help="the virtual bare batched forward of the texts (seconds)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--launch-ms", type=float, default=0.0,
+                        help="Python (GIL held) added to queuing each batch, for a real "
+                             "model's module calls and kernel launches (the nano model's "
+                             "own are a few ms; Llama-2-7B's were ~34 ms a batch on the "
+                             "H100 machine)")
     parser.add_argument("--chunk-size", type=int, action="append",
                         help="jobs per message (repeat; default 64 and 256)")
     parser.add_argument("--worker-args", action="append", metavar="ARGS",
@@ -181,6 +192,7 @@ def main() -> int:
     plan = BatchBudget(tokens=DEFAULT_BATCH_TOKENS["cuda"]).plan(lengths)
     padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in plan)
     env[ENV_SECONDS_PER_TOKEN] = repr(args.device_seconds / padded)
+    env[ENV_LAUNCH_PYTHON] = repr(args.launch_ms / 1000)
     rng = random.Random(1)
     vocab = SHAPES["nano"]["vocab_size"]
     id_lists = [[1, *(rng.randrange(3, vocab) for _ in range(n - 1))] for n in lengths]

@@ -1,6 +1,6 @@
-"""Many rows into one table in one statement: PostgreSQL ``COPY`` (psycopg 3), SQLite
-the driver's own executemany, else SQLAlchemy's. Used for job rows at submit and for
-result rows in the worker."""
+"""Many rows into one table in few statements: PostgreSQL ``COPY`` (psycopg 3), SQLite
+``INSERT`` statements of many rows each, else SQLAlchemy's executemany. Used for job
+rows at submit and for result rows in the worker."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
 
     On PostgreSQL (psycopg 3) one ``COPY``: values of enum and JSON columns are
     converted first (:func:`driver_value_processors`); psycopg dumps the others as
-    they are. On SQLite one ``executemany`` of the driver's cursor on the row tuples,
-    each value converted as SQLAlchemy would (:func:`sqlite_executemany`). Columns
+    they are. On SQLite statements of many rows each, on the row tuples, each value
+    converted as SQLAlchemy would (:func:`sqlite_insert_rows`). Columns
     left out take their server defaults. Elsewhere SQLAlchemy's executemany. Errors
     are SQLAlchemy's either way (the driver's are wrapped here): a dropped
     connection is an ``OperationalError`` that the worker retries, a refused row an
@@ -79,35 +79,87 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
                                       connection_invalidated=lost) from exc
         return
     if dialect.name == "sqlite":
-        sqlite_executemany(connection, model.__table__, columns, rows)  # type: ignore[attr-defined]
+        sqlite_insert_rows(connection, model.__table__, columns, rows)  # type: ignore[attr-defined]
         return
     connection.execute(insert(model), [dict(zip(columns, row, strict=True)) for row in rows])
 
 
-def sqlite_executemany(connection: Connection, table: Table, columns: Sequence[str],
+#: Most rows in one SQLite ``INSERT`` (a power of two; see :func:`sqlite_insert_rows`).
+SQLITE_MAX_ROWS = 1024
+
+
+def sqlite_insert_rows(connection: Connection, table: Table, columns: Sequence[str],
                        rows: Sequence[tuple[Any, ...]]) -> None:
-    """``INSERT`` the row tuples with the sqlite3 cursor's ``executemany``, in the
-    connection's transaction. Values go through each column type's SQLAlchemy bind
-    processor (datetimes to SQLAlchemy's text format, enums to their names, JSON to
-    text), so the rows read back as if SQLAlchemy had written them; what is skipped
-    is SQLAlchemy's parameter dictionary per row and its per-row parameter work
-    (and the Boolean conversion, which sqlite3 does the same way itself):
-    2.7x the token rows per second (``python -m bench.throughput --sections ingest``:
-    337,000-344,000 against 127,000-128,000 rows/s on 200,000 rows, 2026-11-27)."""
+    """``INSERT`` the row tuples in the connection's transaction, in statements of many
+    rows each (``VALUES (?, ...), (?, ...), ...``). Values go through each column
+    type's SQLAlchemy bind processor (datetimes to SQLAlchemy's text format, enums to
+    their names, JSON to text), so the rows read back as if SQLAlchemy had written
+    them; what is skipped is SQLAlchemy's parameter dictionary per row and its
+    per-row parameter work (and the Boolean conversion, which sqlite3 does the same
+    way itself).
+
+    Statements of many rows, not the driver's ``executemany``: sqlite3 releases the
+    GIL for every statement it runs, one per row in an executemany, and a thread
+    that gives the GIL up waits up to the interpreter's switch interval (5 ms) to get
+    it back while another thread runs Python, as the worker's store thread does
+    beside the thread queuing the next batch. 2,880 token rows took 15.6 s as an
+    executemany next to a thread running Python (13-16 ms alone).
+
+    The statements have :data:`SQLITE_MAX_ROWS` rows, or fewer where SQLite's limit
+    on bound values says so, and the rest goes in statements of halving powers of
+    two: sqlite3 keeps each distinct statement it prepared (128 of them; a
+    statement of 2,000-4,600 rows holds ~2 MiB), so there are at most a dozen
+    distinct statements per table, whatever the row counts."""
     dialect = connection.dialect
     rows = converted(rows, [sqlite_bind_processor(table.c[name].type, dialect)
                             for name in columns])
-    statement = (f"INSERT INTO {table.name} ({', '.join(columns)}) "
-                 f"VALUES ({', '.join('?' for _ in columns)})")
+    raw = connection.connection.driver_connection
+    head = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
+    one_row = f"({', '.join('?' for _ in columns)})"
     driver_error = dialect.loaded_dbapi.Error
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor = raw.cursor()  # type: ignore[union-attr]
+    statement = head
     try:
-        cursor.executemany(statement, rows)
+        start = 0
+        for count in statement_sizes(len(rows), sqlite_max_values(raw) // len(columns)):
+            part = rows[start:start + count]
+            start += count
+            statement = head + ", ".join([one_row] * count)
+            cursor.execute(statement, [value for row in part for value in row])
     except driver_error as exc:
-        raise DBAPIError.instance(statement, None, exc, driver_error,
+        raise DBAPIError.instance(statement[:500], None, exc, driver_error,
                                   dialect=dialect) from exc
     finally:
         cursor.close()
+
+
+def statement_sizes(total: int, most: int) -> list[int]:
+    """Rows per statement for ``total`` rows: the largest power of two up to
+    :data:`SQLITE_MAX_ROWS` and ``most`` as often as it fits, then the rest's binary
+    digits, largest first (1,000 rows under a limit of 256: 256, 256, 256, 128, 64,
+    32, 8)."""
+    size = 1
+    while size * 2 <= min(SQLITE_MAX_ROWS, max(1, most)):
+        size *= 2
+    sizes = [size] * (total // size)
+    rest = total % size
+    while size > 1:
+        size //= 2
+        if rest & size:
+            sizes.append(size)
+    return sizes
+
+
+def sqlite_max_values(raw_connection: Any) -> int:
+    """How many values one statement may bind on this sqlite3 connection: its limit
+    where Python can read it (3.11+), else SQLite's default for its version (999
+    before 3.32, then 32,766)."""
+    import sqlite3
+
+    getlimit = getattr(raw_connection, "getlimit", None)
+    if getlimit is not None:
+        return int(getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+    return 32_766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
 
 def sqlite_bind_processor(column_type: Any, dialect: Dialect) -> Callable[[Any], Any] | None:

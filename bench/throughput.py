@@ -594,7 +594,7 @@ def ingestion_section(args: argparse.Namespace, db_url: str) -> None:
     sqlite_engine.dispose()
     databases = {"PostgreSQL": (db_url, "psycopg 3 COPY (logprobe's bulk path)"),
                  "SQLite": (f"sqlite:///{sqlite_dir / 'ingest.sqlite'}",
-                            "sqlite3 executemany on row tuples (logprobe's bulk path)")}
+                            "INSERTs of up to 1,024 row tuples each (logprobe's bulk path)")}
     for name, (url, bulk_label) in databases.items():
         rates = ingestion_rates(args, url, name)
         print(f"\n### {name} token-row ingestion ({args.ingest_rows} rows per run, one "

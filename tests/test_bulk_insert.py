@@ -1,4 +1,4 @@
-"""The bulk path (PostgreSQL ``COPY``, SQLite's own executemany) stores rows exactly as
+"""The bulk path (PostgreSQL ``COPY``, SQLite INSERTs of many rows) stores rows exactly as
 SQLAlchemy's insert does: the same values read back, defaults and NULLs included."""
 
 from __future__ import annotations

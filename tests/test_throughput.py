@@ -10,6 +10,7 @@ import itertools
 import json
 import random
 import re
+import sqlite3
 import time
 import uuid
 from datetime import datetime
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
 from sqlalchemy import text as sql_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -597,6 +598,53 @@ def test_claims_plan_for_the_jobs_table_as_it_is_now(tmp_path: Path) -> None:
         engine.dispose()
         observer.dispose()
         next(database, None)  # drops the database
+
+
+@pytest.mark.parametrize("value_limit", [None, 64])
+def test_sqlite_stores_a_batch_in_few_statements(tmp_path: Path,
+                                                 value_limit: int | None) -> None:
+    """A batch's token rows and job updates go to SQLite in a few statements of many
+    rows (sqlite3 gives up the GIL for every statement, and waits to get it back while
+    the thread queuing the next batch runs Python), not one per row or job; and in
+    smaller ones where SQLite allows fewer bound values (64 here), the same rows."""
+    url = next(make_database("sqlite", tmp_path))
+    plain = make_engine(url)
+    ids = add_jobs(make_sessionmaker(plain), 64)
+    with make_sessionmaker(plain)() as session:
+        assert claim_many(session, ids, "w") == ids
+    plain.dispose()
+    engine = make_engine(url)  # its connections: traced, and the limit set
+    statements: list[str] = []
+
+    @event.listens_for(engine, "connect")
+    def trace(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
+        if value_limit is not None:
+            dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, value_limit)
+
+    sessions = make_sessionmaker(engine)
+    outputs = [(job_id, _output(45, 0, n)) for n, job_id in enumerate(ids)]
+    with sessions() as session:
+        assert store_outputs(session, outputs, {job_id: {"seed": n}
+                                                for n, job_id in enumerate(ids)}) == ids
+    inserts = [s for s in statements if s.startswith("INSERT INTO tokens")]
+    updates = [s for s in statements if s.startswith("UPDATE jobs")]
+    if value_limit is None:  # 2,880 rows: 1024 + 1024 + 512 + 256 + 64; 64 jobs: one
+        assert (len(inserts), len(updates)) == (5, 1)
+    else:  # 64 values: 8 token rows (7 columns) a statement, 4 jobs (13 columns)
+        assert (len(inserts), len(updates)) == (360, 16)
+    with sessions() as session:
+        got = session.execute(select(Token.job_id, Token.position, Token.token_id,
+                                     Token.logprob).order_by(Token.job_id, Token.position)
+                              ).all()
+        assert [tuple(r) for r in got] == sorted(
+            (job_id, t.position, t.token_id, t.logprob)
+            for job_id, out in outputs for t in out.sequences[0].tokens)
+        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids)))}
+        assert [(jobs[i].status, jobs[i].loss, jobs[i].seed, jobs[i].num_scored_tokens)
+                for i in ids] == [(JobStatus.SUCCEEDED, 1.0 + n, n, 44)
+                                  for n in range(64)]
+    engine.dispose()
 
 
 def _stored_tokens(session, job_id: str) -> list[tuple]:

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import Session
 
-from api_client.bulk_insert import driver_value_processors, insert_rows
+from api_client.bulk_insert import (
+    converted,
+    driver_value_processors,
+    insert_rows,
+    sqlite_bind_processor,
+    sqlite_max_values,
+    statement_sizes,
+)
 from api_client.determinism import output_hash
 from api_client.schema import Job, JobStatus, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
@@ -139,8 +147,9 @@ def _update_jobs(session: Session, keys: Sequence[str], rows: list[dict[str, Any
     On PostgreSQL (psycopg 3), one ``UPDATE jobs ... FROM unnest(<one array per
     column>)`` for all rows: one statement planned and run, where an executemany runs
     one UPDATE per job (each planned: see ``plan_cache_mode`` in
-    :mod:`api_client.database`), and its text depends only on ``keys``. Elsewhere
-    one executemany.
+    :mod:`api_client.database`), and its text depends only on ``keys``. On SQLite
+    ``UPDATE ... FROM (VALUES ...)`` (:func:`_update_jobs_sqlite`). Elsewhere one
+    executemany.
     """
     jobs = Job.__table__
     connection = session.connection()
@@ -154,10 +163,42 @@ def _update_jobs(session: Session, keys: Sequence[str], rows: list[dict[str, Any
         ids = arrays[list(keys).index("id")]
         connection.exec_driver_sql(_update_from_arrays(tuple(keys), dialect), (*arrays, ids))
         return
+    if dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
+        _update_jobs_sqlite(connection, keys, rows)
+        return
     statement = (update(jobs).where(jobs.c.id == bindparam("v_id"))
                  .values({key: bindparam(f"v_{key}") for key in keys if key != "id"}))
     connection.execute(statement, [{f"v_{key}": value for key, value in row.items()}
                                    for row in rows])
+
+
+def _update_jobs_sqlite(connection: Connection, keys: Sequence[str],
+                        rows: list[dict[str, Any]]) -> None:
+    """:func:`_update_jobs` on SQLite (3.33+: ``UPDATE ... FROM``): ``UPDATE jobs SET
+    <key> = given.columnN, ... FROM (VALUES (?, ...), ...) AS given WHERE jobs.id =
+    given.column1`` (each job found by primary key), in few statements
+    (:func:`~api_client.bulk_insert.statement_sizes`), not one per job: sqlite3
+    releases the GIL for each statement it runs and waits to get it back while
+    another thread runs Python (:func:`~api_client.bulk_insert.sqlite_insert_rows`).
+    Values are converted as SQLAlchemy would (enums to names, datetimes to text)."""
+    jobs = Job.__table__
+    dialect = connection.dialect
+    ordered = ["id", *(key for key in keys if key != "id")]
+    processors = [sqlite_bind_processor(jobs.c[key].type, dialect) for key in ordered]
+    values = [tuple(row[key] for key in ordered) for row in rows]
+    values = list(converted(values, processors))
+    assignments = ", ".join(f"{key} = given.column{number}"
+                            for number, key in enumerate(ordered[1:], start=2))
+    one_row = f"({', '.join('?' for _ in ordered)})"
+    raw = connection.connection.driver_connection
+    start = 0
+    for count in statement_sizes(len(values), sqlite_max_values(raw) // len(ordered)):
+        part = values[start:start + count]
+        start += count
+        connection.exec_driver_sql(
+            f"UPDATE jobs SET {assignments} FROM (VALUES {', '.join([one_row] * count)}) "
+            "AS given WHERE jobs.id = given.column1",
+            tuple(value for row in part for value in row))
 
 
 @functools.cache

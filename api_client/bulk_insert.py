@@ -4,6 +4,7 @@ rows at submit and for result rows in the worker."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,9 +51,9 @@ def insert_rows(session: Session, model: type, columns: Sequence[str],
 
     On PostgreSQL (psycopg 3) one ``COPY``: values of enum and JSON columns are
     converted first (:func:`driver_value_processors`); psycopg dumps the others as
-    they are. On SQLite statements of many rows each, on the row tuples, each value
-    converted as SQLAlchemy would (:func:`sqlite_insert_rows`). Columns
-    left out take their server defaults. Elsewhere SQLAlchemy's executemany. Errors
+    they are. On SQLite ``INSERT`` statements of many rows each, each value converted
+    as SQLAlchemy would (:func:`sqlite_insert_rows`). Columns left out take their
+    server defaults. Elsewhere SQLAlchemy's executemany. Errors
     are SQLAlchemy's either way (the driver's are wrapped here): a dropped
     connection is an ``OperationalError`` that the worker retries, a refused row an
     ``IntegrityError``.
@@ -154,8 +155,6 @@ def sqlite_max_values(raw_connection: Any) -> int:
     """How many values one statement may bind on this sqlite3 connection: its limit
     where Python can read it (3.11+), else SQLite's default for its version (999
     before 3.32, then 32,766)."""
-    import sqlite3
-
     getlimit = getattr(raw_connection, "getlimit", None)
     if getlimit is not None:
         return int(getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))

@@ -3,8 +3,9 @@
 The same guarantees as :mod:`worker.persistence` (one transaction, idempotent by
 job id, a finished job is never written again), for a whole batch: one
 transaction claims every job of a message, one stores every result of a batch.
-Token and top-k rows go in with PostgreSQL ``COPY`` (psycopg 3) or, on other
-databases, one executemany per table.
+Token and top-k rows go in with PostgreSQL ``COPY`` (psycopg 3), on SQLite as
+``INSERT`` statements of many rows (:mod:`api_client.bulk_insert`), elsewhere one
+executemany per table.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ rows at submit and for result rows in the worker."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Enum, Table, insert
@@ -121,17 +121,25 @@ def sqlite_insert_rows(connection: Connection, table: Table, columns: Sequence[s
     cursor = raw.cursor()  # type: ignore[union-attr]
     statement = head
     try:
-        start = 0
-        for count in statement_sizes(len(rows), sqlite_max_values(raw) // len(columns)):
-            part = rows[start:start + count]
-            start += count
+        for count, values in sqlite_statement_values(raw, rows):
             statement = head + ", ".join([one_row] * count)
-            cursor.execute(statement, [value for row in part for value in row])
+            cursor.execute(statement, values)
     except driver_error as exc:
         raise DBAPIError.instance(statement[:500], None, exc, driver_error,
                                   dialect=dialect) from exc
     finally:
         cursor.close()
+
+
+def sqlite_statement_values(raw_connection: Any, rows: Sequence[tuple[Any, ...]]
+                            ) -> Iterator[tuple[int, list[Any]]]:
+    """Per statement of many rows: how many rows, and their values in order, flat
+    (:func:`statement_sizes` under the connection's limit on bound values)."""
+    width = len(rows[0]) if rows else 1
+    start = 0
+    for count in statement_sizes(len(rows), sqlite_max_values(raw_connection) // width):
+        yield count, [value for row in rows[start:start + count] for value in row]
+        start += count
 
 
 def statement_sizes(total: int, most: int) -> list[int]:

@@ -27,8 +27,7 @@ from api_client.bulk_insert import (
     driver_value_processors,
     insert_rows,
     sqlite_bind_processor,
-    sqlite_max_values,
-    statement_sizes,
+    sqlite_statement_values,
 )
 from api_client.determinism import output_hash
 from api_client.schema import Job, JobStatus, Token, TopLogprob
@@ -178,7 +177,7 @@ def _update_jobs_sqlite(connection: Connection, keys: Sequence[str],
     """:func:`_update_jobs` on SQLite (3.33+: ``UPDATE ... FROM``): ``UPDATE jobs SET
     <key> = given.columnN, ... FROM (VALUES (?, ...), ...) AS given WHERE jobs.id =
     given.column1`` (each job found by primary key), in few statements
-    (:func:`~api_client.bulk_insert.statement_sizes`), not one per job: sqlite3
+    (:func:`~api_client.bulk_insert.sqlite_statement_values`), not one per job: sqlite3
     releases the GIL for each statement it runs and waits to get it back while
     another thread runs Python (:func:`~api_client.bulk_insert.sqlite_insert_rows`).
     Values are converted as SQLAlchemy would (enums to names, datetimes to text)."""
@@ -192,14 +191,10 @@ def _update_jobs_sqlite(connection: Connection, keys: Sequence[str],
                             for number, key in enumerate(ordered[1:], start=2))
     one_row = f"({', '.join('?' for _ in ordered)})"
     raw = connection.connection.driver_connection
-    start = 0
-    for count in statement_sizes(len(values), sqlite_max_values(raw) // len(ordered)):
-        part = values[start:start + count]
-        start += count
+    for count, flat in sqlite_statement_values(raw, values):
         connection.exec_driver_sql(
             f"UPDATE jobs SET {assignments} FROM (VALUES {', '.join([one_row] * count)}) "
-            "AS given WHERE jobs.id = given.column1",
-            tuple(value for row in part for value in row))
+            "AS given WHERE jobs.id = given.column1", tuple(flat))
 
 
 @functools.cache

@@ -56,7 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "probes faster than one, at N copies of the model; "
                         f"openai: requests in flight, default {OPENAI_DEFAULT_CONCURRENCY})")
     parser.add_argument("--pool", choices=["prefork", "solo", "threads"],
-                        help="default: prefork for hf, threads for openai (I/O bound)")
+                        help="default: prefork for hf, threads for openai (I/O bound); on a "
+                        "GPU, '--pool threads --concurrency 2' stores one message's rows "
+                        "while the next one's batches run (one copy of the model; Celery's "
+                        "backstop time limits do not apply, each job's own limit does)")
     parser.add_argument("--max-models", type=int, help="models kept loaded per process (LRU)")
     parser.add_argument("--max-attempts", type=int,
                         help="give a job up after its worker died this many times")

@@ -185,8 +185,7 @@ def _update_jobs_sqlite(connection: Connection, keys: Sequence[str],
     dialect = connection.dialect
     ordered = ["id", *(key for key in keys if key != "id")]
     processors = [sqlite_bind_processor(jobs.c[key].type, dialect) for key in ordered]
-    values = [tuple(row[key] for key in ordered) for row in rows]
-    values = list(converted(values, processors))
+    values = converted([tuple(row[key] for key in ordered) for row in rows], processors)
     assignments = ", ".join(f"{key} = given.column{number}"
                             for number, key in enumerate(ordered[1:], start=2))
     one_row = f"({', '.join('?' for _ in ordered)})"

@@ -13,6 +13,9 @@ On demand it answers with faults (:meth:`FakeOpenAI.inject`: 429 with
 leaves out legacy ``text_offset`` (``text_offsets = False``: it is optional in
 openai's ``Logprobs`` type), and refuses ``echo`` + ``logprobs`` for the models in
 ``echo_refusing_models`` with the API's 400 ``invalid_parameter_combination``.
+Like the API, it answers 400 to alternatives it does not give (``logprobs`` above
+5 on completions, ``top_logprobs`` above 20 on chat, chat ``top_logprobs`` without
+``logprobs=true``), so a payload the real API refuses fails the tests too.
 Every request is recorded with its arrival time, body, ``Authorization`` header,
 status and response body, so tests compare stored rows with what was sent.
 
@@ -35,6 +38,9 @@ from typing import Any
 
 ECHO_REFUSAL = ("Setting 'echo' and 'logprobs' at the same time is not supported for "
                 "this model.")
+#: The API's limits on alternatives per token: legacy ``logprobs``, chat ``top_logprobs``.
+MAX_LEGACY_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -182,6 +188,40 @@ class FakeOpenAI:
                    param: str | None = None) -> dict[str, Any]:
         return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
+    @classmethod
+    def out_of_range(cls, param: str, value: object, maximum: int) -> dict[str, Any] | None:
+        """The API's 400 body for an integer ``param`` outside 0..``maximum``, else None."""
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            return cls.error_body(f"Invalid type for '{param}': expected an integer, but got "
+                                  f"{type(value).__name__} instead.", "invalid_type",
+                                  param=param)
+        if value > maximum:
+            return cls.error_body(f"Invalid '{param}': integer above maximum value. Expected "
+                                  f"a value <= {maximum}, but got {value} instead.",
+                                  "integer_above_max_value", param=param)
+        if value < 0:
+            return cls.error_body(f"Invalid '{param}': integer below minimum value. Expected "
+                                  f"a value >= 0, but got {value} instead.",
+                                  "integer_below_min_value", param=param)
+        return None
+
+    @classmethod
+    def invalid(cls, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The API's 400 body for logprobs parameters it refuses, else None: a test
+        server that took them would hide a payload the real API fails."""
+        if path.endswith("/chat/completions"):
+            top = body.get("top_logprobs")
+            if top is not None and body.get("logprobs") is not True:
+                return cls.error_body("Invalid value for 'top_logprobs': 'logprobs' must be "
+                                      "set to true when 'top_logprobs' is used.",
+                                      "invalid_value", param="top_logprobs")
+            return cls.out_of_range("top_logprobs", top, MAX_CHAT_TOP_LOGPROBS)
+        if path.endswith("/completions"):
+            return cls.out_of_range("logprobs", body.get("logprobs"), MAX_LEGACY_LOGPROBS)
+        return None
+
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt = body["prompt"]
         prompt_key = json.dumps(prompt)
@@ -277,6 +317,9 @@ class FakeOpenAI:
                 headers["retry-after"] = f"{fault.retry_after:g}"
             kind = "requests" if fault.status == 429 else "server_error"
             return fault.status, self.error_body(fault.message, fault.code, kind), headers
+        refusal = self.invalid(path, body)
+        if refusal is not None:
+            return 400, refusal, {}
         if path.endswith("/chat/completions"):
             return 200, self.chat(body), self._rate_headers()
         if path.endswith("/completions"):

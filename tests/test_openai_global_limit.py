@@ -8,18 +8,23 @@ short test; the mechanism does not depend on the window's length.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 
 from api_client import Client, JobStatus
 from api_client.errors import JobFailed
+from api_client.specs import make_spec
 from tests.conftest import make_database
 from tests.helpers import WorkerProcess, max_in_rolling_window
 from tests.openai_server import FakeOpenAI, Fault
+from worker.backends.openai_payload import build_request
+from worker.ratelimit import GlobalRateLimiter, RateLimits
 
 API_KEY = "sk-test-" + uuid.uuid4().hex
 
@@ -109,6 +114,64 @@ def test_a_429_retry_after_pauses_every_worker(sqlite_url: str, redis_url: str,
     assert len(in_flight) <= 6  # the other three threads, one or two each
     assert len(recorded) == 1 + 12 + 1  # warm-up, the jobs, the one retry
     assert min(d for d in after if d >= 0.5) < pause + 1.0  # and then work resumes
+
+
+def window_contents(redis_url: str, limit_name: str, *, clear: bool) -> tuple[list[int], int]:
+    """The shared window of ``limit_name``: its token charges in admission order, and
+    how many requests it counts; ``clear`` empties it afterwards."""
+    connection = redis_lib.Redis.from_url(redis_url)
+    try:
+        keys = GlobalRateLimiter(connection, RateLimits(name=limit_name))
+        members = connection.zrange(keys.tokens_key, 0, -1)
+        requests = connection.zcard(keys.requests_key)
+        if clear:
+            connection.delete(keys.tokens_key, keys.requests_key)
+    finally:
+        connection.close()
+    return [int(member.rsplit(b":", 1)[1]) for member in members], requests
+
+
+def test_an_error_answer_releases_its_token_charge(sqlite_url: str, redis_url: str,
+                                                   tmp_path: Path) -> None:
+    # Each attempt is charged its estimate; one answered with an error generated
+    # nothing, so its retry must not wait for that charge to leave the window.
+    tpm, window, max_new_tokens = 80, 10.0, 40
+    limit_name = uuid.uuid4().hex
+    cases = [Fault(500, message="boom"), Fault(429, retry_after=0.5, message="slow down"),
+             Fault(400, code="invalid_value", message="refused")]
+    with FakeOpenAI() as server:
+        (worker,) = start_workers(1, server=server, redis_url=redis_url,
+                                  database_url=sqlite_url, log_dir=tmp_path, concurrency=1,
+                                  LOGPROBE_OPENAI_RPM="100", LOGPROBE_OPENAI_TPM=str(tpm),
+                                  LOGPROBE_OPENAI_WINDOW_S=str(window),
+                                  LOGPROBE_OPENAI_LIMIT_NAME=limit_name,
+                                  LOGPROBE_OPENAI_BACKOFF_S="0.1")
+        try:
+            with Client(redis_url=redis_url, database_url=sqlite_url,
+                        queue=worker.queue) as client:
+                for fault in cases:
+                    prompt = f"release after {fault.status} {uuid.uuid4().hex[:6]}"
+                    spec = make_spec("generate", prompt=prompt, model="davinci-002",
+                                     backend="openai", max_new_tokens=max_new_tokens)
+                    estimate = build_request(spec).estimated_tokens
+                    assert estimate <= tpm < 2 * estimate  # a retry fits only after a release
+                    server.inject(fault)
+                    submitted = time.monotonic()
+                    status = client.submit(spec).wait(timeout=60)
+                    elapsed = time.monotonic() - submitted
+                    charges, requests = window_contents(redis_url, limit_name, clear=True)
+                    answers = [r for r in server.recorded() if r.body["prompt"] == prompt]
+                    if fault.status == 400:  # not retried: the job fails, its charge released
+                        assert (status, [r.status for r in answers]) == (JobStatus.FAILED, [400])
+                        assert (charges, requests) == ([0], 1)
+                        continue
+                    assert (status, [r.status for r in answers]) == (
+                        JobStatus.SUCCEEDED, [fault.status, 200])
+                    used = answers[-1].response["usage"]["total_tokens"]
+                    assert (charges, requests) == ([0, used], 2)  # the error still counts
+                    assert elapsed < window / 2, f"waited {elapsed:.1f} s after a {fault.status}"
+        finally:
+            worker.stop()
 
 
 def test_a_worker_without_a_key_fails_jobs_clearly(sqlite_url: str, redis_url: str,

@@ -12,7 +12,10 @@ import math
 import uuid
 from collections.abc import Iterator
 
+import openai
 import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
 from sqlalchemy import inspect, text
 
 from api_client import Client, JobStatus
@@ -182,6 +185,44 @@ def test_echo_refusal_fails_the_job_clearly_and_the_worker_goes_on(
     assert openai_worker.alive()
     ok = oclient.score("The cat sat", model="davinci-002", backend="openai").result(timeout=60)
     assert ok.status is JobStatus.SUCCEEDED
+
+
+def create(server: FakeOpenAI, endpoint: str, **params: object
+           ) -> Completion | ChatCompletion:
+    """One call through the real ``openai`` client, without its retries."""
+    with openai.OpenAI(api_key=API_KEY, base_url=server.url, max_retries=0) as client:
+        if endpoint == "chat":
+            return client.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=1,
+                messages=[{"role": "user", "content": "x"}], **params)
+        return client.completions.create(model="davinci-002", prompt="x", max_tokens=1,
+                                         **params)
+
+
+@pytest.mark.parametrize(("endpoint", "params", "param", "code"), [
+    ("completions", {"logprobs": 6}, "logprobs", "integer_above_max_value"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "integer_above_max_value"),
+    ("chat", {"top_logprobs": 3}, "top_logprobs", "invalid_value"),
+    ("chat", {"logprobs": False, "top_logprobs": 3}, "top_logprobs", "invalid_value"),
+])
+def test_the_fake_server_refuses_what_the_api_refuses(
+        fake_openai: FakeOpenAI, endpoint: str, params: dict, param: str, code: str) -> None:
+    # A payload regression (more alternatives than the API gives, top_logprobs
+    # without logprobs) must fail here as it would against api.openai.com.
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(fake_openai, endpoint, **params)
+    error = refused.value.body
+    assert (refused.value.status_code, error["type"], error["param"], error["code"]) == (
+        400, "invalid_request_error", param, code)
+    assert f"'{param}'" in error["message"]
+
+
+def test_the_fake_server_accepts_the_api_limits(fake_openai: FakeOpenAI) -> None:
+    completion = create(fake_openai, "completions", logprobs=5)
+    assert len(completion.choices[0].logprobs.top_logprobs[0]) == 5
+    chat = create(fake_openai, "chat", logprobs=True, top_logprobs=20)
+    assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 20
 
 
 def test_server_errors_are_retried_then_fail_with_the_last_error(

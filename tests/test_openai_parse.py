@@ -188,6 +188,26 @@ def test_echo_score_without_text_offset_counts_prompt_tokens_from_usage() -> Non
         parse_response(response, spec, request, encoding=None)
 
 
+def test_echo_score_without_generation_keeps_every_echoed_token() -> None:
+    # With max_tokens=0 nothing follows the prompt, so text_offset must not decide:
+    # a server counting offsets in UTF-8 bytes puts all but two past len(text).
+    text = "日本語のテキスト"
+    tokens = ["日本", "語", "の", "テ", "キ", "スト"]
+    values = [None, -1.0, -2.0, -0.5, -0.25, -0.25]
+    response = json.loads(json.dumps(ECHO_RESPONSE))
+    response["choices"][0]["text"] = text
+    response["choices"][0]["logprobs"] = {
+        "tokens": tokens, "token_logprobs": values, "top_logprobs": [None] + [{}] * 5,
+        "text_offset": [0, 6, 9, 12, 15, 18]}
+    response["usage"] = {"prompt_tokens": 6, "completion_tokens": 0, "total_tokens": 6}
+    spec = make_spec("score", text=text, model="davinci-002", backend="openai")
+    request = build_request(spec)
+    assert request.params["max_tokens"] == 0
+    out = parse_response(response, spec, request, encoding=None)
+    assert [t.token for t in out.sequences[0].tokens] == tokens
+    assert (out.num_scored_tokens, out.loss) == (5, pytest.approx(4.0 / 5))
+
+
 def test_echo_score_with_token_ids_stores_the_given_ids() -> None:
     spec = make_spec("score", token_ids=[15496, 1263, 995], model="davinci-002",
                      backend="openai")
@@ -313,6 +333,15 @@ def test_retry_after_headers() -> None:
                  "x-ratelimit-remaining-tokens": "10", "x-ratelimit-reset-tokens": "9s"}
     assert retry_after_seconds(exhausted) == 2.0
     assert retry_after_seconds({}) is None
+
+
+def test_retry_after_date_without_a_zone_is_utc() -> None:
+    # "-0000" (RFC 5322: UTC, zone of origin unknown) parses to a naive datetime;
+    # subtracting an aware "now" from it raised TypeError and failed a retryable 429.
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    headers = {"retry-after": "Thu, 01 Jan 2026 00:00:20 -0000"}
+    assert retry_after_seconds(headers, now=now) == pytest.approx(20)
+    assert retry_after_seconds({"retry-after": "Thu, 01 Jan 1970 00:00:00 -0000"}) == 0.0
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:

@@ -11,7 +11,8 @@ with skewed clocks agree:
   delay between admission and arrival at the server);
 - **tokens per window**: each request is charged an estimate before it is sent
   (prompt + ``max_tokens``, as OpenAI counts), corrected to the usage the
-  response reports (:meth:`GlobalRateLimiter.settle`);
+  response reports (:meth:`GlobalRateLimiter.settle`), or to 0 when the answer
+  was an HTTP error (:meth:`GlobalRateLimiter.release_tokens`);
 - **pause**: after a 429 any worker sets a shared "pause until" time from
   ``retry-after`` / ``x-ratelimit-reset-*``; every worker waits it out.
 
@@ -232,6 +233,11 @@ class GlobalRateLimiter:
         self._settle(keys=[self.tokens_key],
                      args=[f"{ticket.member}:{ticket.tokens}",
                            f"{ticket.member}:{int(actual_tokens)}"])
+
+    def release_tokens(self, ticket: Ticket) -> None:
+        """Drop a request's token charge (it was answered with an error and generated
+        nothing); the request itself stays counted against the requests limit."""
+        self.settle(ticket, 0)
 
     def pause(self, seconds: float) -> float:
         """Make every worker wait ``seconds`` from now (never shortens a longer pause)."""

@@ -245,7 +245,13 @@ class OpenAIBackend(Backend):
         there raises :class:`JobStopped`. A call's timeout grows with the tokens asked
         for and never outlasts the job's time left. A timed-out call is sent again at
         most ``timeout_retries`` times, with twice the timeout: its generation may
-        have been billed although its answer never arrived."""
+        have been billed although its answer never arrived.
+
+        Every attempt is charged its token estimate in the shared window. An attempt
+        answered with an HTTP error (429, 4xx, 5xx) generated nothing, so its charge is
+        released at once: otherwise its retry would wait for a phantom charge to leave
+        the window rather than for ``retry-after``. A timeout or a dropped connection
+        keeps its charge, as the server may have generated the answer."""
         policy = self.settings.retry
         timeout = self.settings.call_timeout(request)
         timeouts: list[float] = []
@@ -276,6 +282,9 @@ class OpenAIBackend(Backend):
                             policy.max_attempts, timeout, wait)
             except openai.APIStatusError as exc:
                 last = exc
+                # An error answer generated nothing: its tokens leave the shared window
+                # (the request stays counted, as OpenAI counts failed requests).
+                self.limiter.release_tokens(ticket)
                 self._refuse_if_final(exc, request)
                 wait = policy.backoff(attempt)
                 if exc.status_code == 429:

@@ -89,12 +89,17 @@ def completion_tokens(logprobs: dict[str, Any], *, start: int, stop: int | None,
 
 def _num_prompt_tokens(spec: ScoreSpec, logprobs: dict[str, Any], response: dict[str, Any],
                        request: OpenAIRequest) -> int:
-    """How many echoed tokens are the prompt's (with ``max_tokens=1`` a generated token
-    follows them): the token ids sent, else ``text_offset`` (optional in the API's
-    types), else ``usage.prompt_tokens``, else all tokens but ``usage.completion_tokens``."""
+    """How many echoed tokens are the prompt's: as many as the token ids sent; else,
+    with ``max_tokens`` 0 (or absent), all of them, as nothing was generated, whatever
+    ``text_offset`` says (a server may count offsets in bytes, not characters). With
+    ``max_tokens=1`` a generated token follows them, told by ``text_offset``
+    (optional in the API's types), else ``usage.prompt_tokens``, else all tokens but
+    ``usage.completion_tokens``."""
     tokens = logprobs.get("tokens") or []
     if spec.token_ids is not None:
         return min(len(spec.token_ids), len(tokens))
+    if not request.params.get("max_tokens"):
+        return len(tokens)  # nothing was generated
     offsets = logprobs.get("text_offset")
     if offsets:
         return sum(1 for offset in offsets if offset < len(spec.text or ""))
@@ -103,8 +108,6 @@ def _num_prompt_tokens(spec: ScoreSpec, logprobs: dict[str, Any], response: dict
         return min(int(usage["prompt_tokens"]), len(tokens))
     if usage.get("completion_tokens") is not None:
         return max(0, len(tokens) - int(usage["completion_tokens"]))
-    if not request.params.get("max_tokens"):
-        return len(tokens)  # nothing was generated
     raise BackendError("the OpenAI score response has neither text_offset nor usage, so "
                        "the prompt's tokens cannot be told from the generated one; set "
                        "LOGPROBE_OPENAI_SCORE_MAX_TOKENS=0 if the server accepts it")

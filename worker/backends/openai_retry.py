@@ -67,6 +67,8 @@ def retry_after_seconds(headers: Mapping[str, str], now: datetime | None = None)
             except (TypeError, ValueError):
                 when = None
             if when is not None:
+                if when.tzinfo is None:  # "-0000" (RFC 5322: UTC, source zone unknown)
+                    when = when.replace(tzinfo=timezone.utc)
                 now = now or datetime.now(timezone.utc)
                 return max(0.0, (when - now).total_seconds())
     resets = []

@@ -7,10 +7,11 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import LogprobeError, SpecError
+from .errors import JobNotFound, JobTimeout, LogprobeError, SpecError
 from .schema import JobStatus
 
 
@@ -95,9 +96,30 @@ def _token_ids(text: str | None) -> list[int] | None:
                         "ids, such as 464,2068,7586") from None
 
 
+#: ``logprobe submit``'s options that only one kind of probe takes (argparse names).
+KIND_OPTIONS = {
+    "score": ("token_ids", "prepend_bos"),
+    "generate": ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
+                 "num_return_sequences"),
+}
+
+
+def _refuse_other_kinds_options(args: argparse.Namespace) -> None:
+    """An option of the other kind of probe is an error, not silently dropped."""
+    for kind, options in KIND_OPTIONS.items():
+        given = [name for name in options if kind != args.kind
+                 and getattr(args, name) is not None]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise SpecError(f"{flags} only appl{'ies' if len(given) == 1 else 'y'} to "
+                            f"'logprobe submit {kind}'; drop {'it' if len(given) == 1 else 'them'} "
+                            f"or submit a {kind} probe")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .specs import make_spec
 
+    _refuse_other_kinds_options(args)
     fields: dict[str, Any] = {"model": args.model, "backend": args.backend,
                               "revision": args.revision, "dtype": args.dtype,
                               "device": args.device, "top_logprobs": args.top_logprobs,
@@ -163,15 +185,30 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel every job named (an unknown id is reported, the others still cancelled),
+    then, with ``--wait``, wait for them together; exits 1 if any could not be
+    cancelled or did not stop in time."""
     client = _client(args)
+    statuses: dict[str, JobStatus] = {}
+    failed = False
     for job_id in args.jobs:
-        job = client.job(job_id)
-        status = job.cancel()
+        try:
+            statuses[job_id] = client.job(job_id).cancel()
+        except JobNotFound as exc:
+            print(f"{job_id} not found: {exc}", file=sys.stderr)
+            failed = True
+    deadline = None if not args.wait else time.monotonic() + args.wait
+    for job_id, status in statuses.items():
         if args.wait is not None and not status.finished:
-            status = job.wait(timeout=args.wait or None)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                status = client.job(job_id).wait(timeout=left)
+            except JobTimeout:
+                status = client.job(job_id).status()
+                failed = True
         note = "" if status.finished else " (cancel requested; it stops at its next step)"
         print(f"{job_id} {status.value}{note}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:

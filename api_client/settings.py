@@ -22,7 +22,13 @@ from .errors import ConfigError
 
 
 def _default_home() -> Path:
-    return Path(os.environ.get(ENV_HOME) or Path.home() / ".logprobe").expanduser()
+    return _absolute_home(os.environ.get(ENV_HOME) or Path.home() / ".logprobe")
+
+
+def _absolute_home(home: object) -> Path:
+    """``LOGPROBE_HOME`` made absolute: a client and a worker started in different
+    directories must find the same SQLite file and embedded Redis."""
+    return Path(str(home)).expanduser().absolute()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -58,7 +64,7 @@ class Settings:
             "max_logits_bytes": _env_int(ENV_MAX_LOGITS_BYTES, DEFAULT_MAX_LOGITS_BYTES),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
-        values["home"] = Path(str(values["home"])).expanduser()
+        values["home"] = _absolute_home(values["home"])
         return cls(**values)  # type: ignore[arg-type]
 
     @property

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,9 +21,11 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from typing_extensions import Self
 
 from .embedding_specs import AnyEmbedding, ArtifactEmbedding, EmbeddingInput, LogitsDType
 from .errors import SpecError
@@ -42,12 +45,23 @@ OPENAI_MAX_TOP_LOGPROBS = {"completions": 5, "chat": 20}
 OPENAI_MAX_TEMPERATURE = 2.0
 #: Longest model name or directory (the ``jobs.model`` column).
 MAX_MODEL_LENGTH = 512
-#: What a model given as a local directory starts with (else it is a hub name).
+#: What a model given as a local directory starts with (else it is a hub name, or a
+#: directory relative to where the probe is made if one exists there).
 PATH_PREFIXES = ("/", "./", "../", "~")
+#: A Hugging Face hub model id: ``name`` or ``owner/name`` (letters, digits, ``-_.``).
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?")
 
 
 def is_model_path(model: str) -> bool:
     return model.startswith(PATH_PREFIXES) or model in (".", "..")
+
+
+def _is_true(value: Any) -> bool:
+    """``value`` as the spec's bool field would read it (``"false"`` is False)."""
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return False  # the field's own validation says what is wrong
 
 
 def token_id_list(token_ids: Any) -> list[Any] | None:
@@ -116,20 +130,36 @@ class _ProbeBase(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def absolute_model_path(cls, model: str) -> str:
-        """A directory given relative to where the probe is submitted (``./m``, ``~/m``)
-        is stored absolute: a worker elsewhere must not read it relative to its own."""
-        if is_model_path(model):
+    def absolute_model_path(cls, model: str, info: ValidationInfo) -> str:
+        """A directory given relative to where the probe is submitted (``./m``, ``~/m``,
+        or ``checkpoints/m`` where that directory exists here, as ``from_pretrained``
+        reads it) is stored absolute: a worker elsewhere must not read it relative to
+        its own working directory, nor take it for a hub name."""
+        if is_model_path(model) or (info.data.get("backend", "hf") == "hf"
+                                    and Path(model).is_dir()):
             return os.path.abspath(os.path.expanduser(model))
         return model
 
     @model_validator(mode="after")
     def check_local_model_exists(self) -> _ProbeBase:
-        """A model given as a path must exist; a hub name is checked by the worker."""
-        if is_model_path(self.model) and not Path(self.model).is_dir():
+        """A model given as a path must exist; a hub name must be one (whether the hub
+        has it, the worker finds out)."""
+        if is_model_path(self.model):
+            if not Path(self.model).is_dir():
+                raise ValueError(
+                    f"model directory {self.model!r} does not exist; pass an existing "
+                    "directory or a hub name such as 'gpt2'"
+                )
+            if self.revision is not None:
+                raise ValueError(
+                    f"revision applies to hub models; {self.model!r} is a local directory "
+                    "(it has one version); drop revision"
+                )
+        elif self.backend == "hf" and not HUB_MODEL_ID.fullmatch(self.model):
             raise ValueError(
-                f"model directory {self.model!r} does not exist; pass an existing "
-                "directory or a hub name such as 'gpt2'"
+                f"model {self.model!r} is neither an existing directory nor a hub model id "
+                "('gpt2', 'meta-llama/Llama-2-7b-hf': letters, digits, '-', '_', '.'); "
+                "check for spaces, or give the directory's path"
             )
         return self
 
@@ -153,7 +183,25 @@ class _ProbeBase(BaseModel):
             )
         if self.openai_api is not None and self.backend != "openai":
             raise ValueError("openai_api applies to backend='openai' only; drop it")
+        if self.backend == "openai" and self.reuse:
+            raise ValueError(
+                "reuse applies to backend='hf' only: OpenAI's answers are not reproducible "
+                "(its seed is best effort), so every OpenAI probe is sent; drop reuse"
+            )
         return self
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None,
+                   deep: bool = False) -> Self:
+        """A copy; with ``update``, validated as a new spec (pydantic's own ``model_copy``
+        does not validate, so a copy could hold what no spec may hold, and miss the
+        defaults its options imply). Raises :class:`SpecError`."""
+        if not update:
+            return super().model_copy(deep=deep)
+        data = self.model_dump()
+        if update.get("kind", data.get("kind")) != data.get("kind"):
+            raise SpecError(f"kind: a copy of a {type(self).__name__} stays one; make a new "
+                            "spec for another kind")
+        return parse_spec({**data, **update})  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def check_openai_limits(self) -> _ProbeBase:
@@ -294,7 +342,7 @@ class GenerateSpec(_ProbeBase):
     def fill_sampling_defaults(cls, data: Any) -> Any:
         """Sampling with temperature and top_p left out is temperature 1.0 (and, on hf,
         top_p 1.0): spelled out, so naming those defaults gives the same spec."""
-        if not isinstance(data, dict) or not data.get("do_sample"):
+        if not isinstance(data, dict) or not _is_true(data.get("do_sample")):
             return data
         filled = {**data}
         if filled.get("temperature") is None:
@@ -321,7 +369,8 @@ class GenerateSpec(_ProbeBase):
             ]
             if given:
                 raise ValueError(
-                    f"{', '.join(given)} only apply when sampling; set do_sample=True "
+                    f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when "
+                    "sampling; set do_sample=True "
                     "or drop them (do_sample=False is greedy decoding)"
                 )
             if self.num_return_sequences > 1:
@@ -333,6 +382,7 @@ class GenerateSpec(_ProbeBase):
 
 
 ProbeSpec = Annotated[ScoreSpec | GenerateSpec, Field(discriminator="kind")]
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 _PROBE_ADAPTER: TypeAdapter[ScoreSpec | GenerateSpec] = TypeAdapter(ProbeSpec)
 
 
@@ -346,7 +396,9 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_spec(data: dict[str, Any] | ScoreSpec | GenerateSpec) -> ScoreSpec | GenerateSpec:
-    """Validate a spec given as a dict (wire format) or a spec object.
+    """Validate a spec given as a dict (wire format) or a spec object (validated when
+    it was made, or copied with ``model_copy``; ``model_construct`` skips validation
+    by design and is taken as it is).
 
     Raises :class:`SpecError` naming each offending field.
     """

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
 from api_client import JobFailed, JobStatus, SpecError
 from api_client.constants import TASK_RUN_PROBES
 from api_client.schema import Job
+from api_client.specs import make_spec
 
 TEXT = "Finn writes code"
 
@@ -88,7 +90,27 @@ def test_invalid_spec_is_refused_at_submit_and_writes_nothing(client) -> None:
         client.score(TEXT, model="m" * 513)
     with pytest.raises(SpecError, match="token_ids"):
         client.score(TEXT, model="gpt2", token_ids=[])
+    # A spec varied with model_copy is validated too, and a string is not a list.
+    base = make_spec("generate", prompt=TEXT, model="gpt2")
+    with pytest.raises(SpecError, match="top_logprobs"):
+        client.submit(base.model_copy(update={"top_logprobs": 500}))
+    with pytest.raises(SpecError, match="texts: pass a list"):
+        client.score_many(TEXT, model="gpt2")
+    with pytest.raises(SpecError, match="queues: pass a list"):
+        client.repeat(base, n=2, queues="logprobe.hf")
     assert client.sql("SELECT COUNT(*) AS n FROM jobs").iloc[0]["n"] == before
+
+
+def test_a_relative_home_is_made_absolute(tmp_path, monkeypatch) -> None:
+    """A client and a worker started in different directories with LOGPROBE_HOME=rel
+    must share one SQLite file and one embedded Redis."""
+    from api_client.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOGPROBE_HOME", "lp")
+    assert Settings.from_env().home == tmp_path / "lp"
+    assert Settings.from_env(home="~/x").home == Path.home() / "x"
+    assert Settings.from_env().resolved_database_url() == f"sqlite:///{tmp_path / 'lp'}/logprobe.db"
 
 
 def test_token_ids_as_an_array_and_a_sweep_with_a_time_limit(client, tiny_gpt2) -> None:

@@ -7,6 +7,7 @@ import io
 import math
 import subprocess
 
+from api_client import JobStatus
 from tests.helpers import logprobe_command, subprocess_env
 
 TEXT = " to make it easier to"
@@ -79,7 +80,36 @@ def test_submit_generate_and_bad_spec(hf_worker, client, tiny_gpt2) -> None:
         capture_output=True, text=True, env=subprocess_env(), timeout=60,
     )
     assert bad.returncode == 2
-    assert "seed only apply when sampling; set do_sample=True" in bad.stderr
+    assert "seed only applies when sampling; set do_sample=True" in bad.stderr
+
+    def refused(*args: str) -> str:
+        out = subprocess.run(
+            logprobe_command("--redis-url", hf_worker.redis_url, "--database-url",
+                             hf_worker.database_url, "submit", *args, "--model", tiny_gpt2),
+            capture_output=True, text=True, env=subprocess_env(), timeout=60)
+        assert out.returncode == 2 and not out.stdout, (out.stdout, out.stderr)
+        return out.stderr
+
+    # An option of the other kind of probe is refused, not dropped from the spec.
+    assert ("--do-sample, --seed only apply to 'logprobe submit generate'"
+            in refused("score", "x y", "--seed", "3", "--do-sample"))
+    assert ("--prepend-bos only applies to 'logprobe submit score'"
+            in refused("generate", "x", "--prepend-bos"))
+
+
+def test_cancel_goes_on_past_an_unknown_job(hf_worker, client, tiny_gpt2) -> None:
+    """``logprobe cancel A B``: an id that is not there is reported and the others are
+    still cancelled (exit status 1)."""
+    queued = client.submit({"kind": "score", "text": "x y", "model": tiny_gpt2},
+                           queue="logprobe.test.nobody-serves-this")
+    out = subprocess.run(
+        logprobe_command("--redis-url", hf_worker.redis_url, "--database-url",
+                         hf_worker.database_url, "cancel", "0" * 32, queued.id, "--wait", "5"),
+        capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert f"{'0' * 32} not found" in out.stderr
+    assert f"{queued.id} cancelled" in out.stdout
+    assert queued.status() is JobStatus.CANCELLED
 
 
 def test_submit_merges_spec_json_with_options(hf_worker, client, tiny_gpt2) -> None:

@@ -41,7 +41,15 @@ def test_valid_specs_round_trip_as_json() -> None:
         ("score", {"model": "./no/such/dir", "text": "a"}, "does not exist"),
         ("generate", {"model": "gpt2", "prompt": "a", "max_new_tokens": 0}, "max_new_tokens"),
         ("generate", {"model": "gpt2", "prompt": "a", "temperature": 0.5},
-         "temperature only apply when sampling"),
+         "temperature only applies when sampling"),
+        ("generate", {"model": "gpt2", "prompt": "a", "temperature": 0.5, "top_k": 3},
+         "temperature, top_k only apply when sampling"),
+        ("generate", {"model": "gpt2", "prompt": "a", "do_sample": "false", "seed": 1},
+         "seed only applies when sampling"),
+        ("score", {"model": " gpt2", "text": "a"}, "neither an existing directory nor a hub"),
+        ("score", {"model": "gpt2\n", "text": "a"}, "check for spaces"),
+        ("score", {"model": "davinci-002", "text": "a", "backend": "openai", "reuse": True},
+         "reuse applies to backend='hf' only"),
         ("generate", {"model": "gpt2", "prompt": "a", "seed": 1}, "do_sample=True"),
         ("generate", {"model": "gpt2", "prompt": "a", "num_return_sequences": 3},
          "num_return_sequences > 1 needs do_sample=True"),
@@ -102,6 +110,10 @@ def test_model_directories_are_stored_absolute(tmp_path, monkeypatch) -> None:
     assert make_spec("score", model="~/models/tiny", text="a").model == \
         str(tmp_path / "models" / "tiny")
     assert make_spec("score", model="gpt2", text="a").model == "gpt2"
+    # A directory named without ./ is still the directory (from_pretrained reads it
+    # so), not a hub name for the worker to resolve against its own directory.
+    assert make_spec("score", model="tiny", text="a").model == str(tmp_path / "models" / "tiny")
+    assert "drop revision" in refused("score", model="./tiny", text="a", revision="main")
 
 
 def test_naming_a_default_is_the_same_probe() -> None:
@@ -126,3 +138,34 @@ def test_naming_a_default_is_the_same_probe() -> None:
     assert make_spec("score", text="a b", model="gpt2", dtype="bfloat16").dtype == "bfloat16"
     openai = make_spec("generate", prompt="a", model="m", backend="openai", do_sample=True)
     assert (openai.dtype, openai.temperature, openai.top_p) == (None, 1.0, None)
+
+
+def test_model_copy_validates_the_copy() -> None:
+    """A spec varied with ``model_copy(update=...)`` is checked like a new one: what no
+    spec may hold is refused (not found by the worker later), and the defaults its
+    options imply are filled in (one configuration, one hash)."""
+    from api_client.determinism import config_hash
+
+    greedy = make_spec("generate", prompt="Finn", model="gpt2")
+    for update, expected in (({"top_logprobs": 500}, "top_logprobs"),
+                             ({"seed": 3}, "seed only applies when sampling"),
+                             ({"backend": "openai"}, "drop them for backend='openai'"),
+                             ({"model": "./no/such/dir"}, "does not exist"),
+                             ({"kind": "score"}, "kind")):
+        with pytest.raises(SpecError, match=expected):
+            greedy.model_copy(update=update)
+    sampled = greedy.model_copy(update={"do_sample": True, "seed": 1})
+    made = make_spec("generate", prompt="Finn", model="gpt2", do_sample=True, seed=1)
+    assert sampled == made and config_hash(sampled) == config_hash(made)
+    assert sampled.temperature == 1.0 and sampled.top_p == 1.0
+    assert greedy.model_copy() == greedy
+
+
+def test_a_single_string_is_not_a_list_of_texts_or_models() -> None:
+    from api_client.sweeps import sweep_specs
+
+    for call, name in ((lambda: sweep_specs("The quick brown fox", models=["gpt2"]), "texts"),
+                       (lambda: sweep_specs(["a b"], models="gpt2"), "models"),
+                       (lambda: sweep_specs(["a b"], models=["gpt2"], seeds=5), "seeds")):
+        with pytest.raises(SpecError, match=f"{name}: pass a list"):
+            call()

@@ -12,13 +12,7 @@ from sqlalchemy import Engine, delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from .artifacts import EMBEDDINGS_DIR, ArtifactStore, embedding_array
-from .broker import (
-    hard_limit_grace,
-    make_celery,
-    max_job_time_limit,
-    redis_client,
-    soft_limit_grace,
-)
+from .broker import backstop_limits, make_celery, max_job_time_limit, redis_client
 from .bulk_insert import insert_rows
 from .constants import TASK_RUN_PROBES, default_queue
 from .database import ensure_schema, make_engine, make_sessionmaker
@@ -32,7 +26,7 @@ from .reuse import spec_hash_of
 from .schema import MAX_QUEUE_LENGTH, Job, JobStatus
 from .settings import Settings, mask_url
 from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec, token_id_list
-from .sweeps import DEFAULT_CHUNK_SIZE, SweepHandle, chunk_messages, sweep_specs
+from .sweeps import DEFAULT_CHUNK_SIZE, SweepHandle, as_list, chunk_messages, sweep_specs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,7 +40,7 @@ _EMBEDDING_SPECS = (ArtifactEmbedding, NoiseEmbedding, InterpolateEmbedding)
 def _job_row(job: Mapping[str, Any], created_at: datetime,
              sweep_id: str | None) -> dict[str, Any]:
     """The ``jobs`` row (column values) of a job :meth:`Client.submit_many` planned:
-    ``{"id", "model", "spec" (parsed), "queue", "time_limit"}``."""
+    ``{"id", "model", "spec" (parsed), "queue", "time_limit", "position"}``."""
     spec = job["spec"]
     data = spec.model_dump(mode="json")
     return {
@@ -62,6 +56,7 @@ def _job_row(job: Mapping[str, Any], created_at: datetime,
         "time_limit": job["time_limit"],
         "created_at": created_at,
         "sweep_id": sweep_id,
+        "sweep_index": job["position"] if sweep_id is not None else None,
         "spec_hash": spec_hash_of(data),
     }
 
@@ -194,8 +189,9 @@ class Client:
         # written, so the first message goes out after its own rows, not everyone's.
         planned = [{"id": uuid.uuid4().hex, "model": spec.model, "spec": spec,
                     "queue": queue or self.routes.get(spec.model) or self.queue
-                    or default_queue(spec.backend), "time_limit": time_limit}
-                   for spec in parsed]
+                    or default_queue(spec.backend), "time_limit": time_limit,
+                    "position": position}
+                   for position, spec in enumerate(parsed)]
         for queue_name in {job["queue"] for job in planned}:
             check_queue_name(queue_name)
         by_id = {job["id"]: job for job in planned}
@@ -244,16 +240,17 @@ class Client:
         """One ``run_probes`` message for ``items`` (``{"id", "spec", "time_limit"}``
         each, from :func:`chunk_messages`)."""
         # Each job checks its own limit at every decoding step; Celery's soft and hard
-        # limits on the message (its jobs' limits together, below the visibility
-        # timeout) follow a little later as a backstop.
+        # limits on the message (its jobs' limits together, plus time to load the
+        # model, below the visibility timeout) follow later as a backstop.
         limit = min(sum(item["time_limit"] for item in items), max_job_time_limit())
+        soft, hard = backstop_limits(limit)
         self.celery.send_task(
             TASK_RUN_PROBES,
             args=[{"jobs": items}],
             queue=queue_name,
             producer=producer,
-            soft_time_limit=limit + soft_limit_grace(limit),
-            time_limit=limit + hard_limit_grace(limit),
+            soft_time_limit=soft,
+            time_limit=hard,
         )
 
     def score(
@@ -291,7 +288,8 @@ class Client:
     ) -> list[JobHandle]:
         """Score many texts with the same options: one job each, submitted together
         (``chunk_size`` jobs to a message, as in :meth:`submit_many`)."""
-        specs = [make_spec("score", text=t, model=model, **options) for t in texts]
+        specs = [make_spec("score", text=t, model=model, **options)
+                 for t in as_list("texts", texts)]
         return self.submit_many(specs, queue=queue, time_limit=time_limit,
                                 chunk_size=chunk_size)
 
@@ -378,7 +376,7 @@ class Client:
         if spec.reuse is None:  # a copy of the first run would measure nothing
             spec = spec.model_copy(update={"reuse": False})
         handles: list[JobHandle] = []
-        for queue in list(queues) if queues else [None]:
+        for queue in as_list("queues", queues) if queues else [None]:
             handles.extend(self.submit_many([spec] * n, queue=queue))
         return handles
 

@@ -7,7 +7,7 @@ configuration that differ in seed, device, library versions, model revision,
 batch size or ``system_fingerprint`` therefore land in the same report row,
 with a flag that says what differed. ``jobs.output_hash`` = sha256 of the output
 token ids of every sequence (generated tokens for generate probes, the scored
-tokens for score probes), so ``COUNT(DISTINCT output_hash)`` counts distinct
+tokens for score probes; a token's text where its id is unknown), so ``COUNT(DISTINCT output_hash)`` counts distinct
 outputs. The ``determinism_report`` view (migrations 0003, 0008) aggregates both,
 over the jobs that computed their result: a job answered from an identical job's
 rows (``reused_from``) is a copy, not a run.
@@ -59,9 +59,13 @@ def config_hash_of(spec_json: Mapping[str, Any]) -> str:
 
 
 def output_hash(sequences: Iterable[SequenceResult]) -> str:
-    """sha256 of the output token ids of each sequence, in order."""
-    ids = [[t.token_id for t in seq.tokens] for seq in sequences]
-    return hashlib.sha256(canonical_json(ids).encode()).hexdigest()
+    """sha256 of the output tokens of each sequence, in order: each token's id, or its
+    text where the id is unknown (OpenAI tokens when the worker lacks the model's
+    tiktoken encoding), so that different texts never share a hash (migration 0009)."""
+    keys = [[t.token if t.token_id is None else t.token_id for t in seq.tokens]
+            for seq in sequences]
+    # surrogatepass: a lone surrogate from a server's broken escape hashes too.
+    return hashlib.sha256(canonical_json(keys).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def report_query(*, config_hash: str | None = None, model: str | None = None,

@@ -101,10 +101,12 @@ class Job(Base):
     #: Seconds the job may run (each attempt) before the worker stops it; None = default.
     time_limit: Mapped[int | None] = mapped_column(Integer)
 
-    # Throughput (docs/throughput.md): the sweep a job belongs to, a hash of its spec
-    # (less the reuse flag) for finding identical probes, and the finished job whose
-    # rows this one copied instead of recomputing.
+    # Throughput (docs/throughput.md): the sweep a job belongs to and its place there
+    # (0-based, in the order submitted), a hash of its spec (less the reuse flag) for
+    # finding identical probes, and the finished job whose rows this one copied
+    # instead of recomputing.
     sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    sweep_index: Mapped[int | None] = mapped_column(Integer)
     spec_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     reused_from: Mapped[str | None] = mapped_column(String(32))
 

@@ -19,6 +19,7 @@ in one message; lower it for long generations or many workers.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from .broker import default_job_time_limit
-from .errors import JobTimeout, SpecError
+from .errors import JobNotFound, JobTimeout, SpecError
 from .jobs import JobHandle
 from .results import ProbeResult, read_result
 from .schema import Job, JobStatus
@@ -92,8 +93,8 @@ def sweep_specs(
     **options: Any,
 ) -> list[ScoreSpec | GenerateSpec]:
     """Validated specs for every (model, text[, seed]), models outermost."""
-    texts, models = list(texts), list(models)
-    seed_list = None if seeds is None else list(seeds)
+    texts, models = as_list("texts", texts), as_list("models", models)
+    seed_list = None if seeds is None else as_list("seeds", seeds)
     kind = kind or ("generate" if seed_list is not None else "score")
     if not texts:
         raise SpecError("texts: a sweep needs at least one text")
@@ -116,6 +117,21 @@ def sweep_specs(
     return specs
 
 
+def as_list(name: str, values: Any) -> list[Any]:
+    """``values`` as a list; a single string or number is refused (a string is
+    iterable: a sweep over its characters is never what was meant)."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise SpecError(f"{name}: pass a list, e.g. {name}=[{values!r}], not a single "
+                        f"{type(values).__name__}")
+    return list(values)
+
+
+def input_of(spec: Mapping[str, Any]) -> str | None:
+    """A job's text or prompt, from its stored spec JSON (None for token ids,
+    embeddings)."""
+    return spec.get("text") if spec.get("kind") == "score" else spec.get("prompt")
+
+
 class SweepHandle:
     """The jobs of one sweep: progress, wait, results. Every query goes to SQL."""
 
@@ -132,14 +148,18 @@ class SweepHandle:
 
     @property
     def job_ids(self) -> list[str]:
-        """The sweep's job ids: in submission order (models, then texts, then seeds) on
-        the handle ``Client.sweep`` returned; by id on one from ``Client.get_sweep``."""
+        """The sweep's job ids in submission order (models, then texts, then seeds:
+        ``jobs.sweep_index``). Raises :class:`JobNotFound` if no job has this sweep id."""
         if self._job_ids is None:
             with self.client.session() as session:
                 self._job_ids = list(session.scalars(
                     select(Job.id).where(Job.sweep_id == self.id)
-                    .order_by(Job.created_at, Job.id)
+                    .order_by(Job.sweep_index, Job.created_at, Job.id)
                 ))
+            if not self._job_ids:
+                self._job_ids = None
+                raise JobNotFound(f"no jobs with sweep id {self.id!r} in "
+                                  f"{self.client.database_url_safe}")
         return self._job_ids
 
     def jobs(self) -> list[JobHandle]:
@@ -147,6 +167,7 @@ class SweepHandle:
 
     def progress(self) -> dict[str, int]:
         """Jobs per status, plus ``total`` and ``finished``."""
+        self.job_ids  # noqa: B018 - raises JobNotFound for an unknown sweep id
         with self.client.session() as session:
             counts: dict[JobStatus, int] = dict(session.execute(  # type: ignore[arg-type]
                 select(Job.status, func.count()).where(Job.sweep_id == self.id)
@@ -189,9 +210,14 @@ class SweepHandle:
         return out
 
     def frame(self) -> pd.DataFrame:
-        """The sweep's job rows (id, model, status, loss, seed, ...) as a DataFrame."""
-        return self.client.sql(
-            "SELECT id, model, kind, status, loss, sum_logprob, num_scored_tokens, seed, "
-            "batch_size, reused_from, error FROM jobs WHERE sweep_id = :s ORDER BY created_at, id",
+        """The sweep's job rows in submission order (``sweep_index``, id, model, input:
+        the text or prompt, seed, status, loss, ...) as a DataFrame."""
+        frame = self.client.sql(
+            "SELECT sweep_index, id, model, spec, seed, kind, status, loss, sum_logprob, "
+            "num_scored_tokens, batch_size, reused_from, error FROM jobs "
+            "WHERE sweep_id = :s ORDER BY sweep_index, created_at, id",
             {"s": self.id},
         )
+        specs = frame.pop("spec").map(lambda s: json.loads(s) if isinstance(s, str) else s)
+        frame.insert(3, "input", specs.map(input_of))
+        return frame

@@ -74,3 +74,76 @@ def test_0008_rehashes_jobs_as_the_client_hashes_them(database_url: str) -> None
     finally:
         engine.dispose()
         upgrade_schema(database_url, "head")
+
+
+def test_0009_hashes_outputs_without_ids_by_their_text(database_url: str) -> None:
+    """OpenAI tokens have no id unless the worker has the model's tiktoken encoding:
+    before 0009 two continuations of the same length had one output hash whatever
+    their texts (the determinism report saw one output). After it, a token without an
+    id is hashed by its text, and the hash is what the worker computes now; a job whose
+    tokens have ids keeps its hash; the downgrade restores the old hashes."""
+    import hashlib
+    import json
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from api_client.database import alembic_config, upgrade_schema
+    from api_client.determinism import canonical_json, output_hash
+    from api_client.results import SequenceResult, TokenLogprob
+
+    def sequence(words: list[str], ids: list[int | None]) -> SequenceResult:
+        pairs = enumerate(zip(words, ids, strict=True))
+        return SequenceResult(index=0, text="".join(words), finish_reason="length",
+                              tokens=tuple(TokenLogprob(position=i + 1, token_id=t, token=w,
+                                                        logprob=-1.0, generated=True)
+                                           for i, (w, t) in pairs),
+                              prompt_tokens=(TokenLogprob(position=0, token_id=None,
+                                                          token="Hi", logprob=None,
+                                                          generated=False),))
+
+    runs = {"a" * 32: sequence([" w1", " w2"], [None, None]),
+            "b" * 32: sequence([" w3", " w4"], [None, None]),
+            "c" * 32: sequence([" w1", " w2"], [7, 8])}
+    old = {job_id: hashlib.sha256(canonical_json([s.token_ids]).encode()).hexdigest()
+           for job_id, s in runs.items()}  # the ids alone, as before 0009
+    assert old["a" * 32] == old["b" * 32]
+    new = {job_id: output_hash([s]) for job_id, s in runs.items()}
+    assert len(set(new.values())) == 3 and new["c" * 32] == old["c" * 32]
+
+    command.downgrade(alembic_config(database_url), "0008")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            for job_id, seq in runs.items():
+                connection.execute(text(
+                    "INSERT INTO jobs (id, kind, backend, model, status, spec, queue, "
+                    "output_hash, attempts, created_at, partial) VALUES (:id, 'generate', "
+                    "'openai', 'davinci-002', 'succeeded', :spec, 'q', :hash, 1, "
+                    "CURRENT_TIMESTAMP, false)"),
+                    [{"id": job_id, "spec": json.dumps({}), "hash": old[job_id]}])
+                connection.execute(text(
+                    "INSERT INTO sequences (job_id, sequence_index, text, num_tokens, "
+                    "num_generated) VALUES (:id, 0, :text, 3, 2)"),
+                    [{"id": job_id, "text": seq.text}])
+                connection.execute(text(
+                    "INSERT INTO tokens (job_id, sequence_index, position, token_id, token, "
+                    "logprob, generated) VALUES (:id, 0, :position, :token_id, :token, "
+                    ":logprob, :generated)"),
+                    [{"id": job_id, "position": t.position, "token_id": t.token_id,
+                      "token": t.token, "logprob": t.logprob, "generated": t.generated}
+                     for t in (*seq.prompt_tokens, *seq.tokens)])
+
+        def hashes() -> dict[str, str]:
+            with engine.connect() as connection:
+                return dict(connection.execute(text("SELECT id, output_hash FROM jobs")).all())
+
+        upgrade_schema(database_url, "head")
+        assert hashes() == new
+        command.downgrade(alembic_config(database_url), "0008")
+        assert hashes() == old
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM jobs"))
+        engine.dispose()
+        upgrade_schema(database_url, "head")

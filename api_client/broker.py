@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
-from .constants import ENV_JOB_TIME_LIMIT, ENV_VISIBILITY_TIMEOUT
+from .constants import ENV_JOB_TIME_LIMIT, ENV_MODEL_LOAD_SECONDS, ENV_VISIBILITY_TIMEOUT
 from .errors import ConfigError
 from .settings import mask_url
 
@@ -29,6 +29,14 @@ SOFT_LIMIT_GRACE = 30
 HARD_LIMIT_GRACE = 90
 
 
+#: A job's own time limit counts from its start, after its model is loaded; a cold
+#: worker loading Llama-2-7B takes a minute or two, a 70B model from a slow disk more.
+#: Celery's backstop limits, which count from the message's start, allow this much
+#: more (``LOGPROBE_MODEL_LOAD_SECONDS``), so a short job on a cold worker is not
+#: killed while its model loads.
+MODEL_LOAD_ALLOWANCE = 600
+
+
 def soft_limit_grace(limit: int) -> int:
     """Seconds after the job's own limit before Celery's soft limit interrupts it
     (enough to store what a stopped job computed)."""
@@ -39,7 +47,18 @@ def hard_limit_grace(limit: int) -> int:
     return min(HARD_LIMIT_GRACE, max(6, limit // 5))
 
 
-def _env_seconds(name: str, default: int) -> int:
+def backstop_limits(limit: int) -> tuple[int, int]:
+    """Celery's soft and hard time limits for a message whose jobs' limits add up to
+    ``limit`` (at most :func:`max_job_time_limit`): the limit, its grace and the model
+    load allowance, which shrinks where the hard limit would reach the visibility
+    timeout (a message still running then would be delivered twice)."""
+    hard = limit + hard_limit_grace(limit)
+    allowance = min(_env_seconds(ENV_MODEL_LOAD_SECONDS, MODEL_LOAD_ALLOWANCE, minimum=0),
+                    max(0, broker_visibility_timeout() - 1 - hard))
+    return limit + soft_limit_grace(limit) + allowance, hard + allowance
+
+
+def _env_seconds(name: str, default: int, *, minimum: int = 1) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -47,8 +66,9 @@ def _env_seconds(name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number of seconds") from None
-    if value < 1:
-        raise ConfigError(f"{name}={raw!r} must be at least 1 second")
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum} second"
+                          + ("s" if minimum != 1 else ""))
     return value
 
 

@@ -38,6 +38,10 @@ def default_queue(backend: str) -> str:
 ENV_VISIBILITY_TIMEOUT = "LOGPROBE_VISIBILITY_TIMEOUT"
 #: Default per-job time limit in seconds (jobs may ask for less or more, up to the cap).
 ENV_JOB_TIME_LIMIT = "LOGPROBE_JOB_TIME_LIMIT"
+#: Seconds a message's Celery backstop limits allow for loading its model, on top of
+#: its jobs' own limits (which count from each job's start); default
+#: ``broker.MODEL_LOAD_ALLOWANCE``.
+ENV_MODEL_LOAD_SECONDS = "LOGPROBE_MODEL_LOAD_SECONDS"
 
 
 def model_queue(group: str, backend: str = "hf") -> str:

@@ -274,3 +274,24 @@ def test_hf_token_is_never_stored_or_logged(lj_client: Client,
     frame = lj_client.sql("SELECT * FROM jobs")
     assert SECRET not in frame.to_csv()
     assert SECRET not in lj_worker.log_text()
+
+
+def test_celerys_backstop_allows_for_loading_the_model(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """A job's own limit counts from its start; Celery's limits count from the message's,
+    model loading included: they allow LOGPROBE_MODEL_LOAD_SECONDS more (600 s), less
+    where the hard limit would reach the visibility timeout."""
+    from api_client.broker import backstop_limits, max_job_time_limit
+    from api_client.errors import ConfigError
+
+    monkeypatch.delenv("LOGPROBE_MODEL_LOAD_SECONDS", raising=False)
+    monkeypatch.delenv("LOGPROBE_VISIBILITY_TIMEOUT", raising=False)
+    assert backstop_limits(60) == (60 + 6 + 600, 60 + 12 + 600)
+    longest = max_job_time_limit()
+    soft, hard = backstop_limits(longest)
+    assert hard == 7 * 3600 - 1 and soft < hard  # capped below the visibility timeout
+    monkeypatch.setenv("LOGPROBE_MODEL_LOAD_SECONDS", "0")
+    assert backstop_limits(1) == (1 + 3, 1 + 6)
+    monkeypatch.setenv("LOGPROBE_MODEL_LOAD_SECONDS", "-5")
+    with pytest.raises(ConfigError, match="LOGPROBE_MODEL_LOAD_SECONDS"):
+        backstop_limits(1)

@@ -7,10 +7,11 @@ configuration that differ in seed, device, library versions, model revision,
 batch size or ``system_fingerprint`` therefore land in the same report row,
 with a flag that says what differed. ``jobs.output_hash`` = sha256 of the output
 token ids of every sequence (generated tokens for generate probes, the scored
-tokens for score probes; a token's text where its id is unknown), so ``COUNT(DISTINCT output_hash)`` counts distinct
-outputs. The ``determinism_report`` view (migrations 0003, 0008) aggregates both,
-over the jobs that computed their result: a job answered from an identical job's
-rows (``reused_from``) is a copy, not a run.
+tokens for score probes; a token's text where its id is unknown), so
+``COUNT(DISTINCT output_hash)`` counts distinct outputs. The ``determinism_report``
+view (migrations 0003, 0008) aggregates both, over the jobs that computed their
+result: a job answered from an identical job's rows (``reused_from``) is a copy, not
+a run.
 """
 
 from __future__ import annotations

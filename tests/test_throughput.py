@@ -23,7 +23,7 @@ from sqlalchemy import event, insert, select
 from sqlalchemy import text as sql_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from api_client import JobStatus, SpecError
+from api_client import JobNotFound, JobStatus, SpecError
 from api_client.database import make_engine, make_sessionmaker
 from api_client.results import Alternative, SequenceResult, TokenLogprob
 from api_client.schema import Job, Token, TopLogprob
@@ -262,9 +262,19 @@ def test_sweep_cross_product_in_sql(client, tiny_gpt2: str, tiny_llama: str) -> 
     results = sweep.results()
     assert all(r is not None and r.loss > 0 for r in results)
     assert [r.model for r in results] == [tiny_gpt2] * 3 + [tiny_llama] * 3
+    # Read back later, a sweep keeps its order: results and rows line up with the texts
+    # (every job of one submission has the same created_at; sweep_index orders them).
     again = client.get_sweep(sweep.id)
-    assert sorted(again.job_ids) == sorted(sweep.job_ids)
+    assert again.job_ids == sweep.job_ids
     assert again.progress()["finished"] == 6
+    assert [r.loss for r in again.results()] == [r.loss for r in results]
+    rows = again.frame()
+    assert list(rows["sweep_index"]) == list(range(6))
+    assert list(rows["id"]) == sweep.job_ids
+    assert list(zip(rows["model"], rows["input"], strict=True)) == [
+        (m, t) for m in (tiny_gpt2, tiny_llama) for t in texts]
+    with pytest.raises(JobNotFound, match="no jobs with sweep id"):
+        client.get_sweep("0" * 32).wait(timeout=1)
 
 
 def test_generate_sweep_over_seeds(client, tiny_gpt2: str) -> None:
@@ -521,6 +531,38 @@ def test_bulk_store_writes_exactly_the_rows(database_url: str) -> None:
         assert [(jobs[i].spec_hash, jobs[i].request_params, jobs[i].seed,
                  jobs[i].deterministic, jobs[i].prompt_tokens, jobs[i].system_fingerprint)
                 for i in ids] == [(None,) * 6, tuple(extra[ids[1]].values()), (None,) * 6]
+    engine.dispose()
+
+
+def test_strings_a_server_controls_are_stored_alike_on_both_databases(database_url: str
+                                                                      ) -> None:
+    """An OpenAI-compatible server decides the ``system_fingerprint``, the
+    ``finish_reason`` and token texts; SQLite stores any string, PostgreSQL refuses one
+    longer than its column, a NUL or (like every database) a lone surrogate. Each is
+    stored the same on both: cut to the column, U+FFFD for what cannot be stored."""
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    ids = add_jobs(sessions, 2)
+    with sessions() as session:
+        assert claim_many(session, ids, "w") == ids
+    odd = TokenLogprob(position=1, token_id=None, token="a\ud83d", logprob=-0.5,
+                       generated=True)
+    output = ProbeOutput(
+        sequences=[SequenceResult(index=0, text="x\ud83d", finish_reason="s" * 40 + "\x00",
+                                  tokens=(odd,))],
+        provenance={"system_fingerprint": "fp_" + "9" * 200 + "\x00", "dtype": "float32"})
+    with sessions() as session:
+        assert store_outputs(session, [(ids[0], output)]) == [ids[0]]
+        assert store_output(session, ids[1], output) is True
+    with sessions() as session:
+        jobs = session.execute(select(Job.status, Job.system_fingerprint)
+                               .where(Job.id.in_(ids))).all()
+        assert [tuple(j) for j in jobs] == [(JobStatus.SUCCEEDED, "fp_" + "9" * 125)] * 2
+        rows = session.execute(select(SequenceRow.text, SequenceRow.finish_reason)
+                               .where(SequenceRow.job_id.in_(ids))).all()
+        assert [tuple(r) for r in rows] == [("x\ufffd", "s" * 32)] * 2
+        assert session.scalars(select(Token.token).where(Token.job_id.in_(ids))).all() == \
+            ["a\ufffd"] * 2
     engine.dispose()
 
 

@@ -6,14 +6,15 @@ Both ways of storing results (:mod:`worker.persistence`, one job;
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import String, delete
 from sqlalchemy.orm import Session
 
-from api_client.schema import Artifact, Token, TopLogprob
+from api_client.schema import Artifact, Job, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
 
 from .backends.base import ProbeOutput
@@ -34,10 +35,42 @@ class OutputRows:
     alternatives: list[tuple[Any, ...]]
 
 
+#: A UTF-16 surrogate on its own: no UTF-8 encoding exists for it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+#: The job row's length-limited string columns (SQLite ignores the limits, PostgreSQL
+#: refuses a longer value).
+_JOB_STRING_LENGTHS = {column.name: column.type.length for column in Job.__table__.columns
+                       if isinstance(column.type, String) and column.type.length}
+_FINISH_REASON_LENGTH = SequenceRow.__table__.c.finish_reason.type.length
+
+
 def storable_text(value: str) -> str:
-    """PostgreSQL text cannot hold NUL (GPT-2 has a token for byte 0): stored as U+FFFD
-    on every database alike (``token_id`` keeps the exact token)."""
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    """PostgreSQL text cannot hold NUL (GPT-2 has a token for byte 0), and no database
+    a lone surrogate (a server's broken escape): both stored as U+FFFD on every
+    database alike (``token_id`` keeps the exact token)."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            value = _LONE_SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def storable_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """A job's provenance values as its row holds them: strings made storable and cut
+    to their column's length (a server's ``system_fingerprint`` of any length), so
+    PostgreSQL stores what SQLite does instead of failing the job."""
+    stored = dict(provenance)
+    for key, value in provenance.items():
+        if isinstance(value, str):
+            stored[key] = storable_text(value)[: _JOB_STRING_LENGTHS.get(key)]
+    return stored
+
+
+def storable_finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else storable_text(reason)[:_FINISH_REASON_LENGTH]
 
 
 def output_rows(items: Iterable[tuple[str, ProbeOutput]]) -> OutputRows:
@@ -49,7 +82,8 @@ def output_rows(items: Iterable[tuple[str, ProbeOutput]]) -> OutputRows:
         for seq in output.sequences:
             all_tokens = (*seq.prompt_tokens, *seq.tokens)
             text = None if seq.text is None else storable_text(seq.text)
-            sequences.append((job_id, seq.index, text, seq.finish_reason, len(all_tokens),
+            sequences.append((job_id, seq.index, text, storable_finish_reason(seq.finish_reason),
+                              len(all_tokens),
                               sum(t.generated for t in all_tokens), seq.sum_logprob))
             index = seq.index
             for tok in all_tokens:

@@ -24,6 +24,7 @@ from .output_rows import (
     TOP_COLUMNS,
     delete_rows,
     output_rows,
+    storable_provenance,
 )
 
 #: A job whose worker died this many times is failed instead of run again.
@@ -75,7 +76,7 @@ def store_output(session: Session, job_id: str, output: ProbeOutput, *,
             "error": error,
             "error_type": error_type,
             "finished_at": _now(),
-            **output.provenance,
+            **storable_provenance(output.provenance),
             **_start(started_at),
         }
         session.execute(update(Job).where(Job.id == job_id).values(**values))

@@ -4,6 +4,7 @@
   every connection and refusing new ones) and starts again: a database outage.
 - :class:`RedisServer`: a redis-server of the test's own, on a free port, that the
   test kills and restarts (with or without its append-only file).
+- :func:`slow_loading_model`: a model directory that takes seconds to load.
 - :func:`wait_until`, :func:`progress_of`: polling helpers.
 """
 
@@ -200,3 +201,15 @@ class LimitedWorkerProcess(WorkerProcess):
 
 def kill9(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
+
+
+def slow_loading_model(model: str | Path, directory: Path, gib: int) -> str:
+    """A copy of the model directory ``model`` that takes long to load: it holds a
+    sparse file of ``gib`` GiB (no disk space) which the worker reads through when it
+    hashes the directory for the model's revision
+    (``worker.backends.hf_models.directory_revision``: about 1 s a GiB on a
+    development machine's core)."""
+    shutil.copytree(model, directory)
+    with (directory / "padding.bin").open("wb") as handle:
+        handle.truncate(gib << 30)
+    return str(directory)

@@ -101,3 +101,51 @@ def test_a_longer_message_reports_progress_and_then_final(redis_client) -> None:
         assert time.time() - 5 < float(report[b"updated"]) <= time.time()
         assert 0 < redis_client.ttl(key) <= LIVE_KEY_TTL
     redis_client.delete(*(progress_key(c.job_id) for c in controls))
+
+
+def test_a_job_another_thread_of_this_process_runs_is_running_here(redis_client) -> None:
+    """A heartbeat names a process, not a thread: a job whose heartbeat is this
+    process's counts as running only while a thread here has it (``running_here``)."""
+    from worker.control import running_here
+
+    mine, leftover = _ids(2)
+    heartbeat = {"worker": "w@here", "pid": os.getpid(), "host": socket.gethostname(),
+                 "final": 0, "updated": time.time()}
+    for job_id in (mine, leftover):
+        redis_client.hset(progress_key(job_id), mapping=heartbeat)
+    try:
+        assert running_here.reserve([mine]) == {mine}
+        assert running_here.reserve([mine, leftover]) == {leftover}  # one owner each
+        running_here.release({leftover})
+        state = live_state(redis_client, [mine, leftover])
+        assert list(state.running_elsewhere) == [mine]
+        assert "another thread" in state.running_elsewhere[mine]
+        # Even when Redis cannot tell (here: no heartbeat at all).
+        redis_client.delete(progress_key(mine))
+        assert list(live_state(redis_client, [mine]).running_elsewhere) == [mine]
+    finally:
+        running_here.release({mine, leftover})
+        redis_client.delete(*(progress_key(i) for i in (mine, leftover)))
+    assert live_state(redis_client, [mine]).running_elsewhere == {}
+
+
+def test_claimed_jobs_have_a_heartbeat_until_the_monitor_stops(redis_client) -> None:
+    """``announce`` writes every claimed job's heartbeat at once, before any progress
+    (a model loading); ``stop`` marks them final, even for a message done before the
+    first report."""
+    controls = _controls(redis_client, 64)
+    redis_client.hset(progress_key(controls[0].job_id), mapping={"total": 99})  # an old try
+    monitor = Monitor(controls, first_report_delay=10)
+    monitor.announce()
+    monitor.start()
+    keys = [progress_key(c.job_id) for c in controls]
+    try:
+        reports = [redis_client.hgetall(key) for key in keys]
+        assert all(r[b"final"] == b"0" and r[b"pid"] == str(os.getpid()).encode()
+                   and r[b"worker"] == b"w" and b"total" not in r for r in reports)
+        assert all(0 < redis_client.ttl(key) <= LIVE_KEY_TTL for key in keys)
+    finally:
+        monitor.stop()
+    assert all(redis_client.hget(key, "final") == b"1" for key in keys)
+    redis_client.delete(*keys)
+

@@ -3,11 +3,16 @@
 - kill -9 of the worker's child mid-job: the job runs again and its rows are stored once;
 - kill -9 of the main worker process: the job is redelivered after the (shortened)
   visibility timeout and completes on another worker;
-- a job whose worker dies every time it runs: given up after --max-attempts;
+- a job whose worker dies every time it runs: given up after --max-attempts, and its
+  message mates, which never ran, are not (its message is split after the first loss);
+- a copy of a message delivered while its job runs (another thread of the same
+  process, or another worker while the result waits for the database): not run twice;
+  a claimed job has a heartbeat while its model loads;
 - PostgreSQL unreachable for a few seconds when the job ends: the write is retried;
 - Redis killed and restarted mid-run (with its append-only file, then without any
   data): every job completes once, after ``logprobe requeue`` where the data was lost;
-- a job stuck past Celery's soft and hard time limits: failed by the backstop.
+- a job stuck past Celery's soft and hard time limits: failed by the backstop; Celery's
+  soft limit during a model load ends the message without its hard limit.
 """
 
 from __future__ import annotations
@@ -23,8 +28,16 @@ import pytest
 
 from api_client import Client, JobStatus
 from api_client.constants import model_queue
+from api_client.specs import make_spec
 from tests.conftest import make_database
-from tests.faults import RedisServer, TcpProxy, kill9, progress_of, wait_until
+from tests.faults import (
+    RedisServer,
+    TcpProxy,
+    kill9,
+    progress_of,
+    slow_loading_model,
+    wait_until,
+)
 from tests.helpers import WorkerProcess, logprobe_command, subprocess_env
 from tests.test_long_jobs import PROMPT, reference_greedy_logprobs
 
@@ -161,6 +174,99 @@ def test_a_job_that_kills_its_worker_is_given_up_after_max_attempts(
         worker.stop()
 
 
+def test_a_job_that_kills_its_worker_fails_alone_not_its_message_mates(
+        pg_url: str, redis_url: str, long_gpt2: str, tmp_path: Path) -> None:
+    """One message: a long generation that "kills" its worker each time it runs, and
+    three short ones queued behind it. After the first loss the message is sent
+    again one message per job, so only the long one uses up its attempts."""
+    queue = _queue()
+    worker = _worker(queue, redis_url, pg_url, tmp_path, "--max-attempts", "2").start()
+    try:
+        with Client(redis_url=redis_url, database_url=pg_url, queue=queue) as client:
+            poison, *mates = client.submit_many(
+                [make_spec("generate", prompt=PROMPT, model=long_gpt2,
+                           max_new_tokens=N_TOKENS),
+                 *(make_spec("generate", prompt=f"{PROMPT} {i}", model=long_gpt2,
+                             max_new_tokens=5) for i in range(3))], chunk_size=4)
+            victim = None
+            for _ in range(2):
+                victim = int(_running(client, poison.id, min_done=5, not_pid=victim)["pid"])
+                kill9(victim)
+            assert poison.wait(timeout=120) is JobStatus.FAILED
+            info = poison.info()
+            assert (info["error_type"], info["attempts"]) == ("WorkerLost", 2)
+            for job in mates:
+                assert job.wait(timeout=120) is JobStatus.SUCCEEDED
+                # claimed with the message, then once in a message of its own
+                assert job.info()["attempts"] == 2 and not job.info()["partial"]
+            counts = client.sql("SELECT job_id, COUNT(*) AS n FROM tokens WHERE generated "
+                                "GROUP BY job_id")
+            assert dict(zip(counts["job_id"], counts["n"], strict=True)) == {
+                job.id: 5 for job in mates}
+            assert "sending them again one a message" in worker.log_text()
+    finally:
+        worker.stop()
+
+
+def test_a_message_restored_to_another_thread_does_not_run_its_job_twice(
+        pg_url: str, redis_url: str, long_gpt2: str, tmp_path: Path) -> None:
+    """``--pool threads``: a copy of a running job's message (as Celery restores an
+    unacknowledged one after a broker reconnect) goes to the process's other thread,
+    which sees that the job runs here and leaves it alone."""
+    queue = _queue()
+    worker = _worker(queue, redis_url, pg_url, tmp_path, "--pool", "threads",
+                     "--concurrency", "2").start()
+    try:
+        with Client(redis_url=redis_url, database_url=pg_url, queue=queue) as client:
+            job = client.generate(PROMPT, model=long_gpt2, max_new_tokens=N_TOKENS)
+            _running(client, job.id)
+            _send_copy(client, job.id)
+            wait_until(lambda: worker.log_text().count("succeeded in") >= 2, 120,
+                       "both messages to be done")
+            assert job.wait(timeout=10) is JobStatus.SUCCEEDED
+            assert job.info()["attempts"] == 1
+            _assert_stored_once(client, job.id, long_gpt2)
+            assert "another thread); not running it twice" in worker.log_text()
+    finally:
+        worker.stop()
+
+
+def _send_copy(client: Client, job_id: str) -> None:
+    """Send the job's message again, as a broker that restores it would."""
+    from api_client.schema import Job
+
+    with client.session() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        client._enqueue([{"id": row.id, "spec": row.spec, "queue": row.queue,
+                          "model": row.model, "time_limit": row.time_limit}])
+
+
+def test_a_claimed_job_has_a_heartbeat_while_its_model_loads(
+        pg_url: str, redis_url: str, tiny_gpt2: str, tmp_path: Path) -> None:
+    """From its claim on (here: a model that takes seconds to load), a job's heartbeat
+    tells another worker that it runs; it is marked final once the result is stored."""
+    from worker.control import live_state
+
+    model = slow_loading_model(tiny_gpt2, tmp_path / "slow-model", gib=3)
+    queue = _queue()
+    worker = _worker(queue, redis_url, pg_url, tmp_path).start()
+    try:
+        with Client(redis_url=redis_url, database_url=pg_url, queue=queue) as client:
+            job = client.score("a text scored by a model that loads slowly", model=model)
+            wait_until(lambda: job.status() is JobStatus.RUNNING, 60, "the claim")
+            beat = wait_until(lambda: progress_of(client.redis, job.id), 1,
+                              "the claimed job's heartbeat")
+            assert beat["final"] == "0" and "total" not in beat  # nothing computed yet
+            assert job.id in live_state(client.redis, [job.id]).running_elsewhere
+            assert job.status() is JobStatus.RUNNING  # (still loading)
+            assert job.wait(timeout=120) is JobStatus.SUCCEEDED
+            assert progress_of(client.redis, job.id)["final"] == "1"
+            assert job.info()["attempts"] == 1
+    finally:
+        worker.stop()
+
+
 def test_database_outage_at_write_time_is_retried(pg_url: str, redis_url: str, long_gpt2: str,
                                                   tmp_path: Path) -> None:
     from sqlalchemy.engine import make_url
@@ -170,25 +276,34 @@ def test_database_outage_at_write_time_is_retried(pg_url: str, redis_url: str, l
     proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
     queue = _queue()
     worker = _worker(queue, redis_url, proxied, tmp_path).start()
+    other = None
     try:
         with Client(redis_url=redis_url, database_url=pg_url, queue=queue) as client:
             job = client.generate(PROMPT, model=long_gpt2, max_new_tokens=N_TOKENS)
             _running(client, job.id)
             proxy.stop()  # PostgreSQL unreachable for the worker from now on
-            down_at = time.monotonic()
-            wait_until(lambda: progress_of(client.redis, job.id).get("final") == "1", 120,
-                       "the generation to finish")
+            # A second worker, on the database itself, gets a copy of the message while
+            # the result waits: the job's heartbeat is not final until it is stored.
+            other = _worker(queue, redis_url, pg_url, tmp_path, name="other").start()
+            wait_until(lambda: progress_of(client.redis, job.id).get("done") == str(N_TOKENS),
+                       120, "the generation to finish")
             time.sleep(1.5)
             assert job.status() is JobStatus.RUNNING  # its result is waiting to be written
-            time.sleep(max(0.0, 4.0 - (time.monotonic() - down_at)))
+            assert progress_of(client.redis, job.id)["final"] == "0"
+            _send_copy(client, job.id)
+            wait_until(lambda: "not running it twice" in other.log_text(), 60,
+                       "the other worker to leave the job alone")
             proxy.start()
             assert job.wait(timeout=60) is JobStatus.SUCCEEDED
             assert job.info()["attempts"] == 1
             _assert_stored_once(client, job.id, long_gpt2)
+            assert progress_of(client.redis, job.id)["final"] == "1"
             assert "database unreachable" in worker.log_text()
     finally:
         proxy.stop()
         worker.stop()
+        if other is not None:
+            other.stop()
 
 
 def _requeue(redis_url: str, database_url: str) -> str:
@@ -304,7 +419,8 @@ def test_a_connection_lost_during_copy_is_a_retried_database_error(pg_url: str) 
 
 
 def test_a_job_stuck_past_celerys_time_limits_is_failed_by_the_backstop(
-        pg_url: str, redis_url: str, tiny_gpt2: str, tmp_path: Path) -> None:
+        pg_url: str, redis_url: str, tiny_gpt2: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A job stuck where its own time limit cannot reach it (here: its claim waits on a
     row lock the test holds): Celery's soft limit, then its hard limit end the message.
     At the hard limit Celery's main process sends ``task_failure`` before it kills the
@@ -315,6 +431,7 @@ def test_a_job_stuck_past_celerys_time_limits_is_failed_by_the_backstop(
 
     from api_client.database import make_engine
 
+    monkeypatch.setenv("LOGPROBE_MODEL_LOAD_SECONDS", "0")  # the limits below, no allowance
     queue = _queue()
     engine = make_engine(pg_url)
     worker = _worker(queue, redis_url, pg_url, tmp_path)
@@ -346,6 +463,40 @@ def test_a_job_stuck_past_celerys_time_limits_is_failed_by_the_backstop(
     finally:
         worker.stop()
         engine.dispose()
+
+
+def test_celerys_soft_limit_during_a_model_load_ends_the_message(
+        pg_url: str, redis_url: str, tiny_gpt2: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's soft limit (1 s + 3 s of grace) strikes while the model loads (here:
+    a model that takes a minute): the message ends there, its job failed by the
+    backstop, instead of the load being retried until the hard limit (7 s) kills the
+    pool process."""
+    monkeypatch.setenv("LOGPROBE_MODEL_LOAD_SECONDS", "0")  # (the client's limits)
+    model = slow_loading_model(tiny_gpt2, tmp_path / "slow-model", gib=64)
+    queue = _queue()
+    worker = _worker(queue, redis_url, pg_url, tmp_path).start()
+    try:
+        with Client(redis_url=redis_url, database_url=pg_url, queue=queue) as client:
+            job = client.score("a text its model never scores", model=model, time_limit=1)
+            pid = int(wait_until(lambda: progress_of(client.redis, job.id), 60,
+                                 "the claim")["pid"])
+            assert job.wait(timeout=60) is JobStatus.FAILED
+            info = job.info()
+            assert info["error_type"] == "TimeLimitExceeded"
+            assert "Celery's time limit" in info["error"]
+            assert (info["finished_at"] - info["started_at"]).total_seconds() < 6.5
+            assert "Soft time limit (4s) exceeded" in worker.log_text()
+            time.sleep(max(0.0, 9 - (time.time() - info["started_at"].timestamp())))
+            assert "Hard time limit" not in worker.log_text()
+            # ... and a fresh pool process goes on serving: the limit may have struck
+            # mid-import, and the old process would fail every job after.
+            next_job = client.score("still serving", model=tiny_gpt2)
+            assert next_job.result(timeout=120).loss > 0
+            assert int(progress_of(client.redis, next_job.id)["pid"]) != pid
+            assert "replacing this pool process" in worker.log_text()
+    finally:
+        worker.stop()
 
 
 def engine_waiting_on(engine: object, statement: str) -> bool:

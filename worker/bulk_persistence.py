@@ -15,6 +15,7 @@ import logging
 import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,6 +41,7 @@ from .output_rows import (
     TOP_COLUMNS,
     delete_rows,
     output_rows,
+    storable_provenance,
 )
 from .persistence import DEFAULT_MAX_ATTEMPTS
 
@@ -51,6 +53,17 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`claim_message` did with a message's jobs."""
+
+    #: The jobs claimed (``running``, ``attempts`` counted up), in the message's order.
+    claimed: list[str]
+    #: ``{job_id: queue}`` of the unfinished jobs of a message delivered again after
+    #: its worker stopped, left unclaimed, to be sent again one message each.
+    alone: dict[str, str] = field(default_factory=dict)
+
+
 def claim_many(session: Session, job_ids: Sequence[str], worker: str,
                max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[str]:
     """Claim every runnable job of ``job_ids`` in one transaction; return those claimed.
@@ -59,8 +72,25 @@ def claim_many(session: Session, job_ids: Sequence[str], worker: str,
     redelivered message) are not claimed; a job claimed ``max_attempts`` times before
     (its worker died each time: killed, out of memory) is failed instead.
     """
+    return claim_message(session, job_ids, worker, max_attempts).claimed
+
+
+def claim_message(session: Session, job_ids: Sequence[str], worker: str,
+                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, *, split: bool = False) -> Claim:
+    """:func:`claim_many` for a message's jobs; with ``split``, a message whose worker
+    stopped before is not claimed but split.
+
+    Every delivery of a message counts up the attempts of all its unfinished jobs: if
+    one of them kills its worker (out of memory, a segfault), its message mates, which
+    never ran, would be given up with it. So when more than one runnable job is left
+    and one of them was claimed before (``attempts`` >= 1: the message was delivered
+    again), none is claimed: they are returned in ``Claim.alone``, with their queue,
+    for the caller to send one message each, whose attempts are then their own. Jobs
+    past ``max_attempts`` are failed as usual. The first delivery reads and writes
+    exactly what :func:`claim_many` does.
+    """
     if not job_ids:
-        return []
+        return Claim([])
     now = _now()
     # Both statements find the jobs by primary key alone. (One UPDATE with the status
     # and attempts conditions was slower: planned as a scan of every queued job's
@@ -72,6 +102,12 @@ def claim_many(session: Session, job_ids: Sequence[str], worker: str,
         ).all()
         runnable = {r.id for r in rows if r.status in _UNFINISHED and r.attempts < max_attempts}
         given_up = [r for r in rows if r.status in _UNFINISHED and r.attempts >= max_attempts]
+        alone: dict[str, str] = {}
+        if split and len(runnable) > 1 and any(
+                r.attempts >= 1 for r in rows if r.id in runnable):
+            alone = dict(session.execute(  # type: ignore[arg-type]
+                select(Job.id, Job.queue).where(Job.id.in_(runnable))).tuples().all())
+            runnable = set()
         if runnable:
             session.execute(
                 update(Job).where(Job.id.in_(runnable))
@@ -88,7 +124,7 @@ def claim_many(session: Session, job_ids: Sequence[str], worker: str,
                            "input size or the batch, or run it on a larger machine"),
                 ).execution_options(synchronize_session=False)
             )
-    return [job_id for job_id in job_ids if job_id in runnable]
+    return Claim([job_id for job_id in job_ids if job_id in runnable], alone)
 
 
 def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
@@ -132,7 +168,7 @@ def store_outputs(session: Session, items: Sequence[tuple[str, ProbeOutput]],
                 "error": None,
                 "error_type": None,
                 "finished_at": now,
-                **output.provenance,
+                **storable_provenance(output.provenance),
                 **extra.get(job_id, {}),
             }
             by_keys[tuple(sorted(values))].append(values)

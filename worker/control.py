@@ -21,6 +21,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from api_client.constants import LIVE_KEY_TTL, cancel_key, progress_key
 
 log = logging.getLogger(__name__)
@@ -158,13 +160,44 @@ for k = 1, #KEYS do
 end
 """
 
+#: Writes the same fields to many jobs' progress hashes, anew (what an earlier
+#: attempt left is dropped). KEYS: the hashes; ARGV[1]: their time to live; then the
+#: fields and values. (The heartbeat a message's jobs get when claimed: one command
+#: whatever the message's size, no per-job fields to build.)
+_ANNOUNCE = """
+local ttl = ARGV[1]
+for k = 1, #KEYS do
+  redis.call('DEL', KEYS[k])
+  redis.call('HSET', KEYS[k], unpack(ARGV, 2))
+  redis.call('EXPIRE', KEYS[k], ttl)
+end
+"""
+
+#: Sets fields of many jobs' progress hashes that exist (a final mark). KEYS and ARGV
+#: as in ``_ANNOUNCE``.
+_MARK = """
+local ttl = ARGV[1]
+for k = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    redis.call('HSET', KEYS[k], unpack(ARGV, 2))
+    redis.call('EXPIRE', KEYS[k], ttl)
+  end
+end
+"""
+
 
 class Monitor:
     """One thread for all the jobs of a message: every ``CANCEL_POLL_INTERVAL`` it reads
     their cancel flags and, from ``first_report_delay`` on, every ``PROGRESS_INTERVAL``
     it writes their progress, each in one Redis command (a thread and a poll per
     job cost a batch of tiny probes more than their compute). Jobs whose progress was
-    written get a final report when the message ends."""
+    written get a final report when the message ends.
+
+    The runner covers a message's jobs from their claim to their stored outcome:
+    :meth:`announce` right after the claim (a heartbeat for every job, in one
+    command, before any model loads), :meth:`start` the thread, :meth:`stop` (the
+    final mark) only once every outcome is stored or the message gives up. A redelivered
+    copy of the message meanwhile finds each job's heartbeat fresh (:func:`live_state`)."""
 
     def __init__(self, controls: list[JobControl],
                  first_report_delay: float = FIRST_REPORT_DELAY) -> None:
@@ -174,8 +207,35 @@ class Monitor:
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
         self._reported = False
-        self._write_progress = (self.redis.register_script(_WRITE_PROGRESS)
-                                if self.redis is not None else None)
+        self._announced = False
+        scripts = ([self.redis.register_script(text) for text in (_WRITE_PROGRESS, _ANNOUNCE,
+                                                                    _MARK)]
+                   if self.redis is not None else [None] * 3)
+        self._write_progress, self._announce, self._mark = scripts
+
+    def announce(self) -> None:
+        """Write every job's heartbeat now (no progress yet), in one Redis command: the
+        jobs are claimed and this process runs them. A Redis that cannot be reached is
+        logged (the claim in SQL still holds; :func:`live_state` says why it matters)."""
+        if self.redis is None:
+            return
+        fields = {"done": 0, "updated": time.time(), "worker": self.controls[0].worker,
+                  "pid": os.getpid(), "host": socket.gethostname(), "final": 0}
+        try:
+            self._announced = True
+            self._announce(
+                keys=[progress_key(c.job_id) for c in self.controls],
+                args=[LIVE_KEY_TTL, *(x for item in fields.items() for x in item)])
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            log.warning("could not write the heartbeats of %d claimed jobs: %s",
+                        len(self.controls), exc)
+
+    def _mark_final(self) -> None:
+        self._mark(
+            keys=[progress_key(c.job_id) for c in self.controls],
+            args=[LIVE_KEY_TTL, "final", 1, "updated", time.time()])
 
     def _poll_cancel_flags(self) -> None:
         running = [control for control in self.controls if not control._cancel.is_set()]
@@ -225,11 +285,49 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        if self.redis is not None and self._reported:
-            try:
+        if self.redis is None or not (self._reported or self._announced):
+            return
+        try:
+            if self._reported:
                 self._report(final=True)
-            except Exception as exc:
-                log.debug("final progress not written: %s", exc)
+            else:  # a message done before the first report: only the claim's heartbeat
+                self._mark_final()
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            log.warning("final heartbeat of %d jobs not written: %s", len(self.controls), exc)
+
+
+class RunningHere:
+    """The jobs this process is running now, on any thread (``--pool threads`` runs
+    several messages side by side in one process): from before their claim until
+    their outcome is stored. A heartbeat says which process runs a job, not which
+    thread, so a message the broker restored to another thread of the same process
+    is told apart here."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def reserve(self, job_ids: list[str]) -> set[str]:
+        """Take the jobs of ``job_ids`` no thread of this process runs; return them."""
+        with self._lock:
+            taken = set(job_ids) - self._ids
+            self._ids |= taken
+            return taken
+
+    def release(self, job_ids: set[str]) -> None:
+        with self._lock:
+            self._ids -= job_ids
+
+    def __contains__(self, job_id: object) -> bool:
+        with self._lock:
+            return job_id in self._ids
+
+
+#: This process's running jobs (a forked pool process starts with none: its parent
+#: runs no jobs).
+running_here = RunningHere()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -246,7 +344,8 @@ def _pid_alive(pid: int) -> bool:
 class LiveState:
     """What Redis says of a message's jobs before they are claimed."""
 
-    #: ``{job_id: description}`` of the jobs another live process is running now.
+    #: ``{job_id: description}`` of the jobs another live process, or another thread of
+    #: this one, is running now.
     running_elsewhere: dict[str, str]
     #: The jobs whose cancel flag is set.
     cancelled: set[str]
@@ -260,13 +359,17 @@ def live_state(redis: Any, job_ids: list[str]) -> LiveState:
     A message can be delivered again while its jobs still run: the broker connection
     dropped and Celery restored the unacknowledged message, or a visibility timeout
     was set too short. A job's heartbeat says whether its runner is alive: fresh,
-    not final, and not a dead process on this host. A flag set after this read is
+    not final, and not a dead process on this host. A job :data:`running_here` runs
+    on another thread of this process (its heartbeat's pid is this one's; a heartbeat
+    of this pid for a job no thread here runs is a leftover). A flag set after this read is
     seen by the monitor's first poll, as the jobs start. If Redis cannot be read,
     no job is running elsewhere or cancelled (the claim in SQL and the idempotent
     store still keep results single; the jobs run, and their results go to SQL).
     """
     if not job_ids:
         return LiveState({}, set())
+    here = {job_id: f"this process (pid {os.getpid()}, another thread)"
+            for job_id in job_ids if job_id in running_here}
     try:
         pipe = redis.pipeline(transaction=False)
         pipe.exists(*(progress_key(job_id) for job_id in job_ids))
@@ -286,14 +389,16 @@ def live_state(redis: Any, job_ids: list[str]) -> LiveState:
                 heartbeats, replies = replies[: len(job_ids)], replies[len(job_ids):]
             if any_flag:
                 flags = replies
+    except SoftTimeLimitExceeded:
+        raise
     except Exception as exc:
         log.warning("could not read the heartbeats and cancel flags of %d jobs: %s",
                     len(job_ids), exc)
-        return LiveState({}, set())
-    owners = {}
+        return LiveState(here, set())
+    owners = here
     for job_id, raw in zip(job_ids, heartbeats, strict=True):
         owner = _live_owner({k.decode(): v.decode() for k, v in raw.items()})
-        if owner is not None:
+        if owner is not None and job_id not in owners:
             owners[job_id] = owner
     return LiveState(owners, {job_id for job_id, flag in zip(job_ids, flags, strict=True)
                               if flag})
@@ -335,13 +440,19 @@ def control_for(spec: object) -> JobControl | None:
 
 
 @contextmanager
-def monitoring(pairs: list[tuple[object, JobControl]]) -> Iterator[None]:
-    """Make each spec's control findable and run one monitor for them while the block runs."""
+def monitoring(pairs: list[tuple[object, JobControl]],
+               monitor: Monitor | None = None) -> Iterator[None]:
+    """Make each spec's control findable while the block runs, and run one monitor for
+    them meanwhile, unless ``monitor`` (started by the caller, who stops it) watches
+    them already."""
     token = _active.set({id(spec): control for spec, control in pairs})
-    monitor = Monitor([control for _, control in pairs])
-    monitor.start()
+    own = monitor is None
+    if own:
+        monitor = Monitor([control for _, control in pairs])
+        monitor.start()
     try:
         yield
     finally:
-        monitor.stop()
+        if own:
+            monitor.stop()  # type: ignore[union-attr]
         _active.reset(token)

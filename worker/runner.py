@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, TypeGuard, TypeVar
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_client.artifacts import ArtifactStore
@@ -29,15 +30,17 @@ from api_client.specs import parse_spec
 from .artifact_output import write_logits
 from .backends import get_backend
 from .backends.base import AnySpec, Backend, ProbeOutput
-from .bulk_persistence import claim_many, store_outputs
+from .bulk_persistence import claim_message, store_outputs
 from .config import WorkerOptions
 from .control import (
     CANCELLED,
     TIME_LIMIT,
     JobControl,
     JobStopped,
+    Monitor,
     live_state,
     monitoring,
+    running_here,
 )
 from .db_retry import DatabaseUnavailable, with_db_retry
 from .failures import cancel_message, describe_failure, release_memory, time_limit_message
@@ -160,32 +163,83 @@ def _store_stopped(state: ProcessState, job_id: str, stopped: JobStopped,
         s, job_id, message, error_type="TimeLimitExceeded", started_at=started_at))
 
 
-def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
+#: Sends jobs of a message again, one message each: ``[(queue, item)]`` with ``item``
+#: as in :func:`run_jobs` (see ``tasks.send_alone``).
+Resend = Callable[[list[tuple[str, dict[str, Any]]]], None]
+
+
+def run_jobs(items: Iterable[dict[str, Any]], worker_name: str,
+             resend: Resend | None = None) -> None:
     """Claim the jobs, run the claimed ones on their backend, store every outcome.
 
     ``items`` are ``{"id", "spec", "time_limit"?}``. Claiming reads heartbeats and
-    cancel flags in Redis (:func:`live_state`: jobs another live process is running are
-    left to it; a job whose flag is set is cancelled without running) and is one SQL
-    transaction.
+    cancel flags in Redis (:func:`live_state`: jobs another live process, or another
+    thread of this one, is running are left to it; a job whose flag is set is
+    cancelled without running) and is one SQL transaction. From the claim until
+    their outcomes are stored the jobs have a heartbeat (:class:`Monitor`).
+
+    ``resend``: a message delivered again after its worker stopped (some of its
+    unfinished jobs ran before) is not run but sent again one message per job
+    (:func:`~worker.bulk_persistence.claim_message`), so that a job that kills its
+    worker uses up its own attempts, not its message mates'.
     """
     state = process_state()
     items = list(items)
-    live = live_state(state.redis, [item["id"] for item in items])
-    elsewhere, cancelled = live.running_elsewhere, live.cancelled
-    for job_id, owner in elsewhere.items():  # a redelivered message; stored once by owner
-        log.info("job %s is running in %s; not running it twice", job_id, owner)
-    candidates = [item for item in items if item["id"] not in elsewhere]
-    runnable = set(_with_session(
+    ids = [item["id"] for item in items]
+    live = live_state(state.redis, ids)
+    elsewhere = dict(live.running_elsewhere)
+    mine = running_here.reserve([job_id for job_id in ids if job_id not in elsewhere])
+    try:
+        for job_id in ids:  # taken by another thread since live_state read
+            if job_id not in mine and job_id not in elsewhere:
+                elsewhere[job_id] = f"this process (pid {os.getpid()}, another thread)"
+        for job_id, owner in elsewhere.items():  # a redelivered message; stored once by owner
+            log.info("job %s is running in %s; not running it twice", job_id, owner)
+        _claim_and_run(state, [item for item in items if item["id"] in mine],
+                       live.cancelled, worker_name, resend)
+    finally:
+        running_here.release(mine)
+
+
+def _claim_and_run(state: ProcessState, candidates: list[dict[str, Any]],
+                   cancelled: set[str], worker_name: str, resend: Resend | None) -> None:
+    claim = _with_session(
         state, f"claim {len(candidates)} jobs",
-        lambda s: claim_many(s, [item["id"] for item in candidates], worker_name,
-                             state.options.max_attempts)))
+        lambda s: claim_message(s, [item["id"] for item in candidates], worker_name,
+                                state.options.max_attempts, split=resend is not None))
+    if claim.alone:
+        assert resend is not None
+        log.info("a message of %d jobs delivered again after its worker stopped: sending "
+                 "them again one a message, so that each counts its own attempts",
+                 len(claim.alone))
+        resend([(claim.alone[item["id"]], item) for item in candidates
+                if item["id"] in claim.alone])
+        return
+    runnable = set(claim.claimed)
     for item in candidates:
         if item["id"] not in runnable:
             log.info("job %s is finished or given up; skipping", item["id"])
+    controls = {item["id"]: JobControl(item["id"], time_limit=float(
+                    item.get("time_limit") or default_job_time_limit()),
+                    redis=state.redis, worker=worker_name)
+                for item in candidates if item["id"] in runnable}
+    # Every claimed job has a heartbeat from now until its outcome is stored.
+    monitor = Monitor(list(controls.values()))
+    monitor.announce()
+    monitor.start()
+    try:
+        _run_claimed(state, candidates, controls, cancelled, monitor)
+    finally:
+        monitor.stop()
+
+
+def _run_claimed(state: ProcessState, candidates: list[dict[str, Any]],
+                 controls: dict[str, JobControl], cancelled: set[str],
+                 monitor: Monitor) -> None:
     claimed: dict[str, list[ClaimedJob]] = defaultdict(list)
     for item in candidates:
         job_id = item["id"]
-        if job_id not in runnable:
+        if job_id not in controls:
             continue
         if job_id in cancelled:
             _store(state, f"cancel job {job_id}",
@@ -198,21 +252,20 @@ def run_jobs(items: Iterable[dict[str, Any]], worker_name: str) -> None:
             _store(state, f"store the failure of job {job_id}",
                    lambda s, job_id=job_id, exc=exc: store_failure(s, job_id, exc))
             continue
-        control = JobControl(job_id, time_limit=float(item.get("time_limit")
-                                                      or default_job_time_limit()),
-                             redis=state.redis, worker=worker_name)
-        claimed[spec.backend].append((job_id, spec, control))
+        claimed[spec.backend].append((job_id, spec, controls[job_id]))
 
     for backend_name, jobs in claimed.items():
         twins: dict[str, str] = {}
         try:
             backend = get_backend(backend_name, **state.backend_options(backend_name))
             jobs, twins = _reuse(state, backend, jobs)
+        except SoftTimeLimitExceeded:
+            raise  # Celery's backstop: the message ends here (tasks._on_time_limit)
         except Exception:  # reuse is an optimisation: on any trouble, just run the jobs
             log.exception("result reuse failed; running the jobs")
         waiting = [job for job in claimed[backend_name] if job[0] in twins]
         while jobs:  # a twin whose first did not succeed runs in the next round
-            _run_and_store(state, backend_name, jobs, waiting)
+            _run_and_store(state, backend_name, jobs, waiting, monitor)
             jobs, waiting, twins = _settle_twins(state, waiting, twins)
 
 
@@ -265,17 +318,20 @@ def _is_plain(output: ProbeOutput | Exception, control: JobControl
 
 
 def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob],
-                   waiting: list[ClaimedJob]) -> None:
+                   waiting: list[ClaimedJob], monitor: Monitor | None = None) -> None:
     """Run ``jobs`` on their backend and store every outcome, batches the backend hands
     on early while it computes the rest (:class:`EarlyStore`). The cancel flags of the
-    ``waiting`` twins are watched meanwhile (and their heartbeats written)."""
+    ``waiting`` twins are watched meanwhile (and their heartbeats written), by
+    ``monitor`` where the caller runs one for them all."""
     outputs: list[ProbeOutput | Exception]
     early = EarlyStore(state, jobs) if state.options.store_while_computing else None
     try:
-        with monitoring([(spec, control) for _, spec, control in (*jobs, *waiting)]):
+        with monitoring([(spec, control) for _, spec, control in (*jobs, *waiting)], monitor):
             try:
                 backend = get_backend(backend_name, **state.backend_options(backend_name))
                 outputs = backend.run([spec for _, spec, _ in jobs], on_ready=early)
+            except SoftTimeLimitExceeded:
+                raise
             except Exception as exc:  # the backend itself broke: fail its jobs, keep serving
                 log.exception("backend %s failed", backend_name)
                 outputs = [exc] * len(jobs)
@@ -298,8 +354,8 @@ def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob
             continue
         try:
             _finish(state, job_id, output, control)
-        except DatabaseUnavailable:
-            raise  # the message goes back to the queue (see tasks.run_probes)
+        except (DatabaseUnavailable, SoftTimeLimitExceeded):
+            raise  # the message goes back to the queue (see tasks.run_probes) / ends
         except Exception as exc:  # the database refused this job's outcome
             _fail_unstorable(state, job_id, exc)
             continue
@@ -308,6 +364,11 @@ def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob
                      "%.0f ms later", job_id, control.stop_reason, control.done,
                      control.total, control.unit, 1000 * (returned - control.stopped_at),
                      1000 * (time.monotonic() - control.stopped_at))
+    # A backend fails the job it was on when Celery's soft limit strikes, and may go
+    # on; the message ends here, its other jobs failed by the backstop.
+    expired = next((o for o in outputs if isinstance(o, SoftTimeLimitExceeded)), None)
+    if expired is not None:
+        raise expired
 
 
 def _refuse_nan(output: ProbeOutput | Exception) -> ProbeOutput | Exception:
@@ -342,7 +403,7 @@ def _fail_unstorable(state: ProcessState, job_id: str, exc: Exception) -> None:
     try:
         _store(state, f"fail job {job_id}", lambda s: store_failure(
             s, job_id, message, error_type=type(exc).__name__))
-    except DatabaseUnavailable:
+    except (DatabaseUnavailable, SoftTimeLimitExceeded):
         raise
     except Exception:
         log.exception("job %s: not even its failure could be stored", job_id)
@@ -391,6 +452,8 @@ def _identities(backend: Backend,
         if key not in by_model:
             try:
                 by_model[key] = backend.identity(spec)
+            except SoftTimeLimitExceeded:
+                raise  # not a model that does not load: loading it again would not end
             except Exception:  # e.g. the model does not load: the run reports it
                 by_model[key] = None
         result[job_id] = by_model[key]
@@ -415,7 +478,7 @@ def _settle_twins(state: ProcessState, waiting: list[ClaimedJob], twins: dict[st
         try:
             copied = set(_with_session(state, "copy results to identical jobs",
                                        lambda s: copy_results(s, sources)))
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, SoftTimeLimitExceeded):
             raise
         except Exception:  # then the twins run themselves
             log.exception("copying results to identical jobs failed")
@@ -448,7 +511,7 @@ def _store_batch(state: ProcessState, done: list[tuple[str, ProbeOutput]],
     try:
         _with_session(state, f"store a batch of {len(done)} results",
                       lambda s: store_outputs(s, done, extra))
-    except DatabaseUnavailable:
+    except (DatabaseUnavailable, SoftTimeLimitExceeded):
         raise
     except Exception:
         log.exception("storing a batch of %d failed; storing job by job", len(done))

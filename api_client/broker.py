@@ -7,6 +7,7 @@ so it needs this configuration but none of the worker's code.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -56,6 +57,12 @@ def backstop_limits(limit: int) -> tuple[int, int]:
     allowance = min(_env_seconds(ENV_MODEL_LOAD_SECONDS, MODEL_LOAD_ALLOWANCE, minimum=0),
                     max(0, broker_visibility_timeout() - 1 - hard))
     return limit + soft_limit_grace(limit) + allowance, hard + allowance
+
+
+def message_limits(time_limits: Iterable[int]) -> tuple[int, int]:
+    """Celery's soft and hard time limits for a message whose jobs have ``time_limits``
+    (each checked by the job itself; the message's backstop covers them all)."""
+    return backstop_limits(min(sum(time_limits), max_job_time_limit()))
 
 
 def _env_seconds(name: str, default: int, *, minimum: int = 1) -> int:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from .artifacts import EMBEDDINGS_DIR, ArtifactStore, embedding_array
-from .broker import backstop_limits, make_celery, max_job_time_limit, redis_client
+from .broker import make_celery, max_job_time_limit, message_limits, redis_client
 from .bulk_insert import insert_rows
 from .constants import TASK_RUN_PROBES, default_queue
 from .database import ensure_schema, make_engine, make_sessionmaker
@@ -242,8 +242,7 @@ class Client:
         # Each job checks its own limit at every decoding step; Celery's soft and hard
         # limits on the message (its jobs' limits together, plus time to load the
         # model, below the visibility timeout) follow later as a backstop.
-        limit = min(sum(item["time_limit"] for item in items), max_job_time_limit())
-        soft, hard = backstop_limits(limit)
+        soft, hard = message_limits(item["time_limit"] for item in items)
         self.celery.send_task(
             TASK_RUN_PROBES,
             args=[{"jobs": items}],

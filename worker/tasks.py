@@ -10,7 +10,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 
-from api_client.broker import backstop_limits, max_job_time_limit
+from api_client.broker import message_limits
 from api_client.constants import TASK_RUN_PROBES
 from api_client.sweeps import chunk_messages
 
@@ -57,8 +57,7 @@ def send_alone(app: Celery, jobs: list[tuple[str, dict[str, Any]]]) -> None:
              "queue": queue, "model": item["spec"].get("model", "")} for queue, item in jobs]
     with app.producer_or_acquire() as producer:
         for queue, items in chunk_messages(rows, 1):
-            soft, hard = backstop_limits(min(int(items[0]["time_limit"]),
-                                             max_job_time_limit()))
+            soft, hard = message_limits([items[0]["time_limit"]])
             app.send_task(TASK_RUN_PROBES, args=[{"jobs": items}], queue=queue,
                           producer=producer, soft_time_limit=soft, time_limit=hard)
 

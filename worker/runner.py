@@ -318,11 +318,11 @@ def _is_plain(output: ProbeOutput | Exception, control: JobControl
 
 
 def _run_and_store(state: ProcessState, backend_name: str, jobs: list[ClaimedJob],
-                   waiting: list[ClaimedJob], monitor: Monitor | None = None) -> None:
+                   waiting: list[ClaimedJob], monitor: Monitor) -> None:
     """Run ``jobs`` on their backend and store every outcome, batches the backend hands
     on early while it computes the rest (:class:`EarlyStore`). The cancel flags of the
-    ``waiting`` twins are watched meanwhile (and their heartbeats written), by
-    ``monitor`` where the caller runs one for them all."""
+    ``waiting`` twins are watched meanwhile (and their heartbeats written) by
+    ``monitor``, the message's, which the caller started and stops."""
     outputs: list[ProbeOutput | Exception]
     early = EarlyStore(state, jobs) if state.options.store_while_computing else None
     try:

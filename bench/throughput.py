@@ -368,13 +368,15 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
     results: dict[str, list[float]] = {"logprobe": [], "logprobe2": [], "unshared2": [],
                                        "small": []}
     memory: list[tuple[float, int]] = []
+    baseline, sweep_seconds = 0, 0.0
     # One worker, its defaults: one pool process, torch's default threads.
     worker = start_worker("hf", f"bench.tiny.{uuid.uuid4().hex[:6]}", redis_url, db_url,
                           tmp / "logs")
     client = Client(redis_url=redis_url, database_url=db_url, queue=worker.queue)
     try:
         _tiny_rounds(args, client, model_dir, results["logprobe"], "one pool process")
-        memory, baseline, sweep_seconds = _memory_sweep(args, client, model_dir, worker)
+        if args.memory_probes > 0:
+            memory, baseline, sweep_seconds = _memory_sweep(args, client, model_dir, worker)
         # The queue and SQL path alone: the same probes on a 1,024-token vocabulary.
         import random
 
@@ -438,6 +440,8 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
         f"{name}: {', '.join(f'{v:.0f}' for v in values)}"
         for name, values in [*results.items(), ("math", compute),
                              *((f"celery -c {c}", v) for c, v in celery.items())]))
+    if not memory:  # --memory-probes 0
+        return
     rss = [r for _, r in memory]
     tenth = max(1, len(rss) // 10)
     early, late = statistics.median(rss[:tenth]), statistics.median(rss[-tenth:])

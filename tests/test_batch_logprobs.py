@@ -261,6 +261,24 @@ def test_fused_activations_match_the_stock_model(tiny_models: dict) -> None:
     assert torch.allclose(alone(fused, ids), want[:-1], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_models_keep_the_stock_activation(tiny_models: dict, dtype: str
+                                                         ) -> None:
+    """In half precision the fused kernel rounds once where the stock module rounds
+    after every operation, and logprobs move by up to 5e-2: a half-precision model is
+    served as transformers builds it, its logprobs the stock model's bit for bit."""
+    from transformers.activations import NewGELUActivation
+
+    path = str(tiny_models["gpt2"])
+    stock = GPT2LMHeadModel.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    served = load_model(path, None, dtype, "cpu")
+    assert {type(block.mlp.act) for block in served.model.transformer.h} == {NewGELUActivation}
+    ids = served.tokenizer(TEXTS[1])["input_ids"]
+    with torch.inference_mode():
+        want = torch.log_softmax(stock(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert torch.equal(alone(served, ids), want[:-1])
+
+
 # --- lookahead: the next batch queued before the last one is collected ------------------
 
 def scores_of(outputs: list) -> list[tuple[float, ...]]:

@@ -189,7 +189,8 @@ def load_model(name: str, revision: str | None, dtype: str | None, device: str,
     """Load ``name`` (a hub name or a local directory) for serving.
 
     ``fused_activations``: replace Python-written activations by their fused kernels
-    (:mod:`.fused_activations`; results equal within float32 rounding)."""
+    (:mod:`.fused_activations`; float32 models only, results equal within float32
+    rounding)."""
     torch_dtype = _DTYPES.get(dtype or "float32", "auto")
     local_dir = Path(name).expanduser()
     source = str(local_dir) if local_dir.is_dir() else name

@@ -315,3 +315,38 @@ def test_fsspec_store_round_trip(tmp_path: Path) -> None:
     local = ArtifactStore(str(tmp_path))
     assert local.contains((tmp_path / "embeddings" / "a.safetensors").as_uri())
     assert not local.contains((tmp_path / ".." / "a.safetensors").as_uri())
+
+
+def test_values_the_models_dtype_cannot_hold_are_refused(
+        tiny_gpt2: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: finite values beyond float16's 65,504 would reach a float16 model as
+    inf (NaN logprobs, or torch's "probability tensor contains inf" when sampling)."""
+    from api_client.embedding_specs import ArtifactEmbedding
+    from api_client.errors import ProbeInputError
+    from api_client.specs import GenerateSpec
+    from worker.backends.hf_embeddings import build_embedding
+    from worker.backends.hf_generate import generate
+    from worker.backends.hf_models import load_model
+
+    monkeypatch.setenv("LOGPROBE_ARTIFACTS_URL", str(tmp_path))
+    lm = load_model(tiny_gpt2, None, "float16", "cpu")
+
+    def uploaded(values: np.ndarray) -> ArtifactEmbedding:
+        ref = ArtifactStore(str(tmp_path)).put_array(EMBEDDINGS_DIR, "embedding", values)
+        return ArtifactEmbedding(uri=ref.uri, sha256=ref.sha256, shape=ref.shape,
+                                 dtype=ref.dtype)
+
+    values = np.zeros((3, 64), dtype=np.float32)
+    values[1, 7], values[2, 0] = 65_000.0, -1e5
+    with pytest.raises(ProbeInputError, match=r"embedding: 1 value overflows float16, "
+                       r"the model's dtype \(\|x\| at most 65504; the first at position 2\)"):
+        build_embedding(lm, uploaded(values), "score")
+    values[2, 0] = -65_000.0  # within float16: fed as given
+    built = build_embedding(lm, uploaded(values), "score")
+    assert built.embeds.dtype == torch.float16
+    assert np.array_equal(built.embeds[0].float().numpy(), values.astype(np.float16))
+
+    noisy = NoiseEmbedding(text=TEXT, scale=1e5, seed=1)
+    with pytest.raises(ProbeInputError, match=r"overflows? float16"):
+        generate(lm, GenerateSpec(embedding=noisy, model=tiny_gpt2, dtype="float16",
+                                  max_new_tokens=3, do_sample=True, seed=1))

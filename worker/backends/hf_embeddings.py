@@ -76,8 +76,23 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+def _values(count: int) -> str:
+    return "1 value overflows" if count == 1 else f"{count} values overflow"
+
+
 def _to_model(lm: LoadedModel, values: torch.Tensor) -> torch.Tensor:
-    return values.to(device=lm.device, dtype=lm.model.dtype).unsqueeze(0)
+    """``values`` ([seq, hidden]) as the model's ``[1, seq, hidden]`` input; refused
+    where they overflow the model's dtype (float16 holds at most 65,504)."""
+    cast = values.to(dtype=lm.model.dtype)
+    overflow = ~torch.isfinite(cast)
+    if overflow.any():
+        raise ProbeInputError(
+            f"embedding: {_values(int(overflow.sum()))} {lm.dtype}, the model's "
+            f"dtype (|x| at most {torch.finfo(cast.dtype).max:g}; the first at position "
+            f"{int(overflow.nonzero()[0, 0])}); scale them down or load the model with "
+            "dtype='bfloat16' or 'float32'"
+        )
+    return cast.to(device=lm.device).unsqueeze(0)
 
 
 def build_embedding(lm: LoadedModel, spec: AnyEmbedding, kind: ProbeKind,

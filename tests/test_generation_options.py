@@ -114,3 +114,87 @@ def test_more_alternatives_than_the_vocabulary(tmp_path: Path) -> None:
     sequence = out.sequences[0]
     assert [len(t.top_logprobs) for t in (*sequence.prompt_tokens[1:], *sequence.tokens)] \
         == [12, 12, 12]
+
+
+class _HostEvent:
+    """``torch.Event`` for the CPU, where work is done when the call returns."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_a_stop_found_a_step_late_is_undone(tiny_gpt2: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """On MPS, ``generate`` learns a step late that every sequence has ended (its
+    ``DeferredStopCheck``), runs one more step and undoes it; the CPU plays MPS here."""
+    from transformers.generation.utils import DeferredStopCheck
+
+    monkeypatch.setattr(DeferredStopCheck, "is_supported", staticmethod(lambda *_a, **_k: True))
+    monkeypatch.setattr(torch, "Event", _HostEvent)
+
+    def favour_eos(model: torch.nn.Module) -> None:
+        model.get_output_embeddings().register_forward_hook(
+            lambda _m, _i, out: out + 10.0 * torch.nn.functional.one_hot(
+                torch.tensor(50256), out.shape[-1]))
+
+    lm = load_model(tiny_gpt2, None, None, "cpu")
+    favour_eos(lm.model)
+    spec = GenerateSpec(prompt="Finn writes code", model=tiny_gpt2, max_new_tokens=12,
+                        do_sample=True, seed=11, num_return_sequences=3)
+    out = generate(lm, spec)
+
+    reference_model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    favour_eos(reference_model)
+    ids = torch.tensor([lm.tokenizer("Finn writes code")["input_ids"]])
+    torch.manual_seed(11)
+    with torch.inference_mode():
+        reference = reference_model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=12,
+            num_return_sequences=3, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=50256,
+            output_scores=True, return_dict_in_generate=True)
+    expected = reference_model.compute_transition_scores(
+        reference.sequences, reference.scores, normalize_logits=True)
+    assert reference.sequences.shape[1] - ids.shape[1] < 12  # every sequence stopped early
+    for r, sequence in enumerate(out.sequences):
+        row = reference.sequences[r, ids.shape[1]:].tolist()
+        end = row.index(50256) + 1
+        assert [t.token_id for t in sequence.tokens] == row[:end]
+        assert sequence.logprobs == pytest.approx(expected[r, :end].tolist(), abs=1e-5)
+        assert sequence.finish_reason == "stop"
+
+
+def test_sampled_generations_in_two_threads_replay_from_their_seeds(tiny_gpt2: str) -> None:
+    """``--pool threads`` runs two jobs of one process at once, and sampling draws from
+    torch's one global generator: each sampled generation must still give exactly what
+    it gives alone from its seed. The model pauses in each forward pass (releasing the
+    GIL) so that, unguarded, the threads' steps would interleave."""
+    import threading
+    import time
+
+    lm = load_model(tiny_gpt2, None, None, "cpu")
+    specs = [GenerateSpec(prompt=PROMPT, model=tiny_gpt2, max_new_tokens=16, do_sample=True,
+                          seed=seed) for seed in (5, 6)]
+    alone = [[t.token_id for t in generate(lm, spec).sequences[0].tokens] for spec in specs]
+    assert alone[0] != alone[1]
+
+    pause = lm.model.register_forward_pre_hook(lambda *_: time.sleep(0.002))
+    together: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        together[i] = [t.token_id for t in generate(lm, specs[i]).sequences[0].tokens]
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        pause.remove()
+    assert [together.get(0), together.get(1)] == alone

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import threading
 from typing import Any
 
 import torch
@@ -21,6 +23,12 @@ from .hf_logits import check_logits_rows, forward_logits, logits_array, position
 from .hf_models import LoadedModel
 from .hf_step_scores import StepScores
 from .hf_stopping import job_stopping_criteria
+
+#: Sampling draws from torch's global generator, which every thread of the process
+#: shares: two sampled generations at once (``--pool threads``) would take each other's
+#: random numbers and neither would replay from its seed. One at a time, from the seed
+#: to the last step.
+_SAMPLING = threading.Lock()
 
 
 def pick_seed() -> int:
@@ -95,15 +103,19 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
     step_scores = StepScores(spec.top_logprobs, release_scores=not spec.return_logits)
     criteria = StoppingCriteriaList([
         step_scores, *(job_stopping_criteria(control, offset, spec.max_new_tokens) or [])])
-    if seed is not None:
-        torch.manual_seed(seed)
-    with torch.inference_mode(), stop_when(
-            lambda: step_scores.steps == 0 and before_decoding()):  # the prefill only
-        out = lm.model.generate(**model_inputs, generation_config=config,
-                                stopping_criteria=criteria)
-    if step_scores.steps != out.sequences.shape[1] - offset:
-        raise RuntimeError(f"generate took {out.sequences.shape[1] - offset} steps but "
-                           f"scored {step_scores.steps}: was a stopping criterion skipped?")
+    with _SAMPLING if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.inference_mode(), stop_when(
+                lambda: step_scores.steps == 0 and before_decoding()):  # the prefill only
+            out = lm.model.generate(**model_inputs, generation_config=config,
+                                    stopping_criteria=criteria)
+    kept = out.sequences.shape[1] - offset
+    # More steps scored than kept is fine: on MPS, generate learns that every sequence
+    # has ended one step late and undoes that step (transformers' DeferredStopCheck).
+    if step_scores.steps < kept:
+        raise RuntimeError(f"generate took {kept} steps but scored {step_scores.steps}: "
+                           "was a stopping criterion skipped?")
 
     stop_ids = set(lm.stop_token_ids)
     sequences = []

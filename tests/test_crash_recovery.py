@@ -11,8 +11,9 @@
 - PostgreSQL unreachable for a few seconds when the job ends: the write is retried;
 - Redis killed and restarted mid-run (with its append-only file, then without any
   data): every job completes once, after ``logprobe requeue`` where the data was lost;
-- a job stuck past Celery's soft and hard time limits: failed by the backstop; Celery's
-  soft limit during a model load ends the message without its hard limit.
+- Celery's soft limit during a model load ends the message without its hard limit, its
+  job failed by the backstop (a job stuck past the soft and the hard limit, and which
+  jobs of a message the backstop fails: ``tests/test_backstop_ownership.py``).
 """
 
 from __future__ import annotations
@@ -418,53 +419,6 @@ def test_a_connection_lost_during_copy_is_a_retried_database_error(pg_url: str) 
         engine.dispose()
 
 
-def test_a_job_stuck_past_celerys_time_limits_is_failed_by_the_backstop(
-        pg_url: str, redis_url: str, tiny_gpt2: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A job stuck where its own time limit cannot reach it (here: its claim waits on a
-    row lock the test holds): Celery's soft limit, then its hard limit end the message.
-    At the hard limit Celery's main process sends ``task_failure`` before it kills the
-    pool process; the backstop handler there (``worker.tasks._on_time_limit``) marks
-    the job failed once the row is free, no job stays queued or running, and a new
-    pool process serves the next job."""
-    from sqlalchemy import text
-
-    from api_client.database import make_engine
-
-    monkeypatch.setenv("LOGPROBE_MODEL_LOAD_SECONDS", "0")  # the limits below, no allowance
-    queue = _queue()
-    engine = make_engine(pg_url)
-    worker = _worker(queue, redis_url, pg_url, tmp_path)
-    try:
-        with Client(redis_url=redis_url, database_url=pg_url, queue=queue) as client:
-            # Submitted before the worker runs: the test locks the row first.
-            job = client.score("a text that waits on a lock", model=tiny_gpt2, time_limit=1)
-            with engine.connect() as holder:
-                holder.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"),
-                               {"id": job.id})
-                worker.start()
-                # soft limit: 1 s + 3 s of grace; hard limit: 1 s + 6 s (broker.py). The
-                # backstop's UPDATE then waits on the row too, in its own session.
-                wait_until(lambda: engine_waiting_on(engine, "UPDATE jobs"), 60,
-                           "the backstop's update of the job row")
-                assert "Soft time limit (4s) exceeded" in worker.log_text()
-                assert job.info()["status"] == JobStatus.QUEUED  # the row is still locked
-                holder.rollback()  # free the row: the backstop's update goes through
-            assert job.wait(timeout=60) is JobStatus.FAILED
-            wait_until(lambda: "Hard time limit (7s) exceeded" in worker.log_text(), 30,
-                       "Celery's hard time limit in the log")
-            info = job.info()
-            assert info["error_type"] == "TimeLimitExceeded"
-            assert "Celery's time limit" in info["error"] and "1 s" in info["error"]
-            assert int(client.sql("SELECT COUNT(*) AS n FROM jobs WHERE status IN "
-                                  "('queued', 'running')").iloc[0]["n"]) == 0
-            # ... and the worker goes on serving, with a new pool process.
-            assert client.score("still serving", model=tiny_gpt2).result(timeout=120).loss > 0
-    finally:
-        worker.stop()
-        engine.dispose()
-
-
 def test_celerys_soft_limit_during_a_model_load_ends_the_message(
         pg_url: str, redis_url: str, tiny_gpt2: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -497,14 +451,3 @@ def test_celerys_soft_limit_during_a_model_load_ends_the_message(
             assert "replacing this pool process" in worker.log_text()
     finally:
         worker.stop()
-
-
-def engine_waiting_on(engine: object, statement: str) -> bool:
-    """Whether a session of the database waits on a lock while running ``statement``."""
-    from sqlalchemy import text
-
-    with engine.connect() as connection:  # type: ignore[attr-defined]
-        return bool(connection.execute(text(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE :statement"),
-            {"statement": f"{statement}%"}).scalar_one())

@@ -397,14 +397,14 @@ def live_state(redis: Any, job_ids: list[str]) -> LiveState:
         return LiveState(here, set())
     owners = here
     for job_id, raw in zip(job_ids, heartbeats, strict=True):
-        owner = _live_owner({k.decode(): v.decode() for k, v in raw.items()})
+        owner = live_owner({k.decode(): v.decode() for k, v in raw.items()})
         if owner is not None and job_id not in owners:
             owners[job_id] = owner
     return LiveState(owners, {job_id for job_id, flag in zip(job_ids, flags, strict=True)
                               if flag})
 
 
-def _live_owner(heartbeat: dict[str, str]) -> str | None:
+def live_owner(heartbeat: dict[str, str]) -> str | None:
     """Who wrote ``heartbeat`` if that process is alive and still running the job."""
     if not heartbeat or heartbeat.get("final") == "1" or "updated" not in heartbeat:
         return None

@@ -7,10 +7,12 @@ never written again (a redelivered message must not store results twice).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from api_client.bulk_insert import insert_rows
@@ -83,22 +85,66 @@ def store_output(session: Session, job_id: str, output: ProbeOutput, *,
     return True
 
 
+@dataclass(frozen=True)
+class ClaimRow:
+    """What a job's row says of its claim (:func:`claims_of`)."""
+
+    id: str
+    status: JobStatus
+    #: The worker that claimed it last (``jobs.worker``), None if none ever did.
+    worker: str | None
+    #: How many times it was claimed; a claim counts it up.
+    attempts: int
+    #: When it was claimed (while it runs; the store sets when its compute began).
+    started_at: datetime | None
+    queue: str
+
+
+def claims_of(session: Session, job_ids: Collection[str]) -> list[ClaimRow]:
+    """The claim columns of the jobs of ``job_ids`` (those that exist), one query."""
+    if not job_ids:
+        return []
+    rows = session.execute(
+        select(Job.id, Job.status, Job.worker, Job.attempts, Job.started_at, Job.queue)
+        .where(Job.id.in_(list(job_ids)))
+    ).all()
+    return [ClaimRow(r.id, r.status, r.worker, r.attempts, _aware(r.started_at), r.queue)
+            for r in rows]
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """``moment`` with its time zone (SQLite returns the stored UTC time without one)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
+
+
 def store_failure(session: Session, job_id: str, error: BaseException | str, *,
-                  error_type: str | None = None, started_at: datetime | None = None) -> None:
+                  error_type: str | None = None, started_at: datetime | None = None,
+                  claim: tuple[str, int] | None = None) -> bool:
     """Mark an unfinished job failed with its error text (no traceback, no secrets);
-    ``started_at``, if given, is when it began."""
+    ``started_at``, if given, is when it began. With ``claim = (worker, attempts)``
+    only a job still ``running`` under that claim is failed (``jobs.worker`` and
+    ``jobs.attempts`` as the claim left them: no later claim took it over), as
+    Celery's backstop fails the jobs its task claimed
+    (:func:`worker.runner.fail_unfinished`). Returns whether the job was failed."""
     if isinstance(error, BaseException):
         kind, message = type(error).__name__, str(error) or type(error).__name__
     else:
         kind, message = "Error", error
     error_type = error_type or kind
+    conditions = [Job.id == job_id, Job.status.in_(_UNFINISHED)]
+    if claim is not None:
+        conditions += [Job.status == JobStatus.RUNNING, Job.worker == claim[0],
+                       Job.attempts == claim[1]]
     with session.begin():
-        session.execute(
+        result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
+            .where(*conditions)
             .values(status=JobStatus.FAILED, error=message, error_type=error_type,
                     finished_at=_now(), **_start(started_at))
         )
+    return bool(result.rowcount)
 
 
 def store_cancelled(session: Session, job_id: str, message: str, *,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeGuard, TypeVar
 
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api_client.artifacts import ArtifactStore
 from api_client.broker import default_job_time_limit, redis_client
+from api_client.constants import progress_key
 from api_client.database import make_engine, make_sessionmaker
 from api_client.errors import SpecError
 from api_client.reuse import reuse_allowed, spec_hash
@@ -38,6 +41,7 @@ from .control import (
     JobControl,
     JobStopped,
     Monitor,
+    live_owner,
     live_state,
     monitoring,
     running_here,
@@ -45,7 +49,7 @@ from .control import (
 from .db_retry import DatabaseUnavailable, with_db_retry
 from .failures import cancel_message, describe_failure, release_memory, time_limit_message
 from .output_checks import nan_logprobs_error
-from .persistence import store_cancelled, store_failure, store_output
+from .persistence import claims_of, store_cancelled, store_failure, store_output
 from .result_reuse import copy_results, find_sources
 
 log = logging.getLogger(__name__)
@@ -260,7 +264,7 @@ def _run_claimed(state: ProcessState, candidates: list[dict[str, Any]],
             backend = get_backend(backend_name, **state.backend_options(backend_name))
             jobs, twins = _reuse(state, backend, jobs)
         except SoftTimeLimitExceeded:
-            raise  # Celery's backstop: the message ends here (tasks._on_time_limit)
+            raise  # Celery's backstop: the message ends here (tasks.run_probes)
         except Exception:  # reuse is an optimisation: on any trouble, just run the jobs
             log.exception("result reuse failed; running the jobs")
         waiting = [job for job in claimed[backend_name] if job[0] in twins]
@@ -523,13 +527,100 @@ def _store_batch(state: ProcessState, done: list[tuple[str, ProbeOutput]],
 BACKSTOP_STOP = ("when Celery's time limit for its message (the sum of its jobs' limits) "
                  "stopped the worker")
 
+#: Seconds a claim's time (``jobs.started_at``, the claiming process's clock) may read
+#: before the task's start as Celery's main process reckons it (``Request.time_start``).
+CLAIM_CLOCK_SLACK = 1.0
 
-def fail_unfinished(items: Iterable[dict[str, Any]]) -> None:
-    """Fail the still-unfinished jobs of a task Celery stopped (hard/soft time limit)."""
+
+@dataclass(frozen=True)
+class TaskProcess:
+    """Where and when a Celery task ran: the worker's name (``jobs.worker`` of the jobs
+    it claims), the pid of the process that ran it (its jobs' heartbeats name it) and
+    when it began (epoch seconds; its claim comes after)."""
+
+    worker: str
+    pid: int
+    started: float
+
+
+def fail_unfinished(items: Iterable[dict[str, Any]], task: TaskProcess
+                    ) -> list[tuple[str, dict[str, Any]]]:
+    """Fail the jobs of a message Celery's backstop stopped (its soft or hard time limit)
+    that ``task`` claimed; return ``(queue, item)`` of its unfinished jobs no one runs.
+
+    A message's jobs are not all its task's: a job another process runs (a redelivered
+    copy of a message whose jobs a split spread over workers, a job the claim left to
+    the live process running it: :func:`live_state`) must go on and store its result.
+    So a job is failed (``TimeLimitExceeded``) only if its row says ``task`` claimed it
+    (``running``, ``jobs.worker`` = the task's worker, ``jobs.started_at``, the claim's
+    time, not before the task began) and its heartbeat, if it has one, is the task
+    process's (another pool process of the same worker has the same name): one
+    ``UPDATE`` a job, conditional on that claim (``store_failure(claim=...)``).
+
+    The others are left as they are. Those a live process runs (a fresh heartbeat, not
+    final, of another process) store their own outcome. Those no one runs (``queued``
+    jobs the task never claimed: its claim was stuck or split the message; jobs whose
+    runner died) are returned: the caller gets them delivered again (Celery requeues
+    a message whose pool process the soft limit ended; after the hard limit, which
+    acknowledges it, ``tasks.send_alone`` sends them one a message). A job never
+    claimed has spent no attempt, and a claim is all a stuck message did to it.
+    """
     state = process_state()
-    for item in items:
-        limit = float(item.get("time_limit") or default_job_time_limit())
-        _store(state, f"fail job {item['id']}",
-               lambda s, job_id=item["id"], limit=limit: store_failure(
-                   s, job_id, time_limit_message(limit, when=BACKSTOP_STOP),
-                   error_type="TimeLimitExceeded"))
+    by_id = {item["id"]: item for item in items}
+    if not by_id:
+        return []
+    rows = _with_session(state, f"read the claims of {len(by_id)} timed-out jobs",
+                         lambda s: claims_of(s, list(by_id)))
+    beats = _heartbeats(state, list(by_id))
+    host = socket.gethostname()
+    failed: list[str] = []
+    elsewhere: list[str] = []
+    orphans: list[tuple[str, dict[str, Any]]] = []
+    for row in rows:
+        if row.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            continue  # finished meanwhile (stored by this task or another)
+        beat = beats.get(row.id, {})
+        task_beat = (beat.get("host") == host and beat.get("pid") == str(task.pid))
+        if (row.status is JobStatus.RUNNING and row.worker == task.worker
+                and row.started_at is not None
+                and row.started_at.timestamp() >= task.started - CLAIM_CLOCK_SLACK
+                and (not beat or task_beat)):
+            if _fail_claimed(state, by_id[row.id], (task.worker, row.attempts)):
+                failed.append(row.id)
+        elif not task_beat and live_owner(beat) is not None:
+            elsewhere.append(row.id)
+        else:
+            orphans.append((row.queue, by_id[row.id]))
+    log.warning("Celery's time limit stopped a message of %d jobs (its task: pid %d of %s, "
+                "began %s): failed the %d its task claimed (%s); %d run elsewhere (%s), %d "
+                "to be delivered again (%s)", len(by_id), task.pid, task.worker,
+                datetime.fromtimestamp(task.started, timezone.utc).isoformat(timespec="seconds"),
+                len(failed), " ".join(failed) or "-", len(elsewhere),
+                " ".join(elsewhere) or "-", len(orphans),
+                " ".join(item["id"] for _, item in orphans) or "-")
+    return orphans
+
+
+def _fail_claimed(state: ProcessState, item: dict[str, Any], claim: tuple[str, int]) -> bool:
+    """Fail ``item``'s job as stopped by Celery's backstop if it still runs under
+    ``claim`` (``(worker, attempts)``)."""
+    limit = float(item.get("time_limit") or default_job_time_limit())
+    message = time_limit_message(limit, when=BACKSTOP_STOP)
+    return _with_session(state, f"fail job {item['id']}", lambda s: store_failure(
+        s, item["id"], message, error_type="TimeLimitExceeded", claim=claim))
+
+
+def _heartbeats(state: ProcessState, job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """The jobs' heartbeats (:class:`Monitor`), in one round trip; none if Redis cannot
+    be read (then the rows alone tell whose the jobs are)."""
+    try:
+        pipe = state.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(progress_key(job_id))
+        replies = pipe.execute()
+    except Exception as exc:
+        log.warning("could not read the heartbeats of %d timed-out jobs: %s", len(job_ids),
+                    exc)
+        return {}
+    return {job_id: {k.decode(): v.decode() for k, v in raw.items()}
+            for job_id, raw in zip(job_ids, replies, strict=True) if raw}

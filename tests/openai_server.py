@@ -10,6 +10,8 @@ and temperature give the same tokens and logprobs.
 On demand it answers with faults (:meth:`FakeOpenAI.inject`: 429 with
 ``retry-after``, 500, ...), takes time like a model that generates
 (``latency_s`` per request plus ``latency_per_token_s`` per requested token),
+holds every request it receives until told to answer (:meth:`FakeOpenAI.hold` /
+:meth:`FakeOpenAI.release`: a test then knows which requests are in flight),
 leaves out legacy ``text_offset`` (``text_offsets = False``: it is optional in
 openai's ``Logprobs`` type), and refuses ``echo`` + ``logprobs`` for the models in
 ``echo_refusing_models`` with the API's 400 ``invalid_parameter_combination``.
@@ -125,6 +127,8 @@ class FakeOpenAI:
         self.requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
         self._lock = threading.Lock()
+        self._answering = threading.Event()  # cleared by hold(): requests wait for it
+        self._answering.set()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -144,6 +148,15 @@ class FakeOpenAI:
         with self._lock:
             self._faults.extend(faults)
 
+    def hold(self) -> None:
+        """Requests received from now on are recorded, then wait to be answered until
+        :meth:`release` (a held request still counts against the client's timeout)."""
+        self._answering.clear()
+
+    def release(self) -> None:
+        """Answer the held requests, and every request after them at once."""
+        self._answering.set()
+
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -159,6 +172,7 @@ class FakeOpenAI:
         return self
 
     def stop(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
 
@@ -346,6 +360,7 @@ class FakeOpenAI:
                                          self.headers.get("Authorization"))
                 with server._lock:
                     server.requests.append(record)
+                server._answering.wait()
                 delay = server.latency_s + server.latency_per_token_s * int(
                     body.get("max_tokens") or 0)
                 if delay:

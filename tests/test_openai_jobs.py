@@ -38,6 +38,7 @@ def server() -> Iterator[FakeOpenAI]:
 def _calm_server(server: FakeOpenAI, redis_url: str) -> Iterator[None]:
     """Each test starts with a fast, complete server and no shared 429 pause."""
     yield
+    server.release()
     server.latency_s = server.latency_per_token_s = 0.0
     server.text_offsets = True
     server.clear()
@@ -124,22 +125,31 @@ def test_a_message_runs_its_requests_concurrently_under_the_shared_limit(
 
 def test_jobs_cancelled_while_they_wait_their_turn_are_never_sent(
         client: Client, server: FakeOpenAI) -> None:
-    server.latency_s = 0.6
+    # The server holds the requests it gets, so the pool stays busy with the first
+    # CONCURRENCY jobs, all of them on the wire, until the others are cancelled: no
+    # timing decides which job is in flight or waiting. (Which of the first jobs the
+    # rate limit admits first is up to their threads: the test waits for all of them.)
+    # 300 tokens each: a 7 s call timeout, for a hold of one rate-limit window (the
+    # last of the first jobs may wait for a slot) and a few cancels.
+    max_new_tokens = 300
+    assert TIMEOUT_S + TIMEOUT_PER_TOKEN_S * max_new_tokens >= 7.0
+    server.hold()
     tag = uuid.uuid4().hex[:6]
     prompts = [f"c{i} {tag}" for i in range(CONCURRENCY + 2)]
-    jobs = client.submit_many(generate_specs(prompts), chunk_size=64)  # one message
-    wait_for(lambda: len(sent(server, prompts)) >= 1)
+    jobs = client.submit_many(generate_specs(prompts, max_new_tokens), chunk_size=64)
+    wait_for(lambda: len(sent(server, prompts)) >= CONCURRENCY)  # one message
     waiting = jobs[CONCURRENCY:]  # the pool is busy with the first CONCURRENCY
     for job in waiting:
         job.cancel()
     in_flight = jobs[0]
     in_flight.cancel()  # already on the wire: billed, so its answer is stored
+    server.release()  # only now can a thread of the pool take a waiting job
     for job in jobs:
         job.wait(timeout=60)
 
-    assert [r.body["prompt"] for r in sent(server, prompts)] == \
-        [r.body["prompt"] for r in sent(server, prompts[:CONCURRENCY])]
-    assert len(sent(server, prompts)) == CONCURRENCY
+    requests = sent(server, prompts)
+    assert sorted(r.body["prompt"] for r in requests) == prompts[:CONCURRENCY]
+    assert [r.status for r in requests] == [200] * CONCURRENCY  # each sent once
     for job in waiting:
         row = job_row(client, job.id)
         assert (row["status"], row["error_type"]) == ("cancelled", "Cancelled")
@@ -147,7 +157,7 @@ def test_jobs_cancelled_while_they_wait_their_turn_are_never_sent(
         assert not row["partial"] and rows_of(client, job.id) == (0, 0)
     for job in jobs[:CONCURRENCY]:
         assert job.status() is JobStatus.SUCCEEDED
-        assert rows_of(client, job.id) == (1, 2)
+        assert rows_of(client, job.id) == (1, max_new_tokens)
 
 
 def test_a_job_cancelled_during_a_429_pause_is_not_resent(

@@ -122,6 +122,21 @@ class JobControl:
             return True
         return False
 
+    def stop_before_sending(self) -> bool:
+        """:meth:`should_stop`, with the job's cancel flag read in Redis now (one
+        ``EXISTS``), not at the monitor's next poll: for a backend about to do what
+        cannot be taken back (send a billed request), so that a job whose ``cancel()``
+        has returned is not sent in the poll's interval. Redis unreadable: the job goes
+        on, as when the monitor cannot poll."""
+        if self.should_stop() or self.redis is None:
+            return self.stop_reason is not None
+        try:
+            if self.redis.exists(cancel_key(self.job_id)):
+                self._cancel.set()
+        except Exception as exc:  # (RedisError, or a connection error the client raised)
+            log.debug("job %s: cancel flag not read before sending: %s", self.job_id, exc)
+        return self.should_stop()
+
     # --- used by the runner ----------------------------------------------------------
 
     @property

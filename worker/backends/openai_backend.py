@@ -17,8 +17,12 @@ timed-out request is sent again, with twice the timeout; default 1),
 
 Each job checks its control (``worker.control``: cancel flag, time limit) before its
 request, and while it waits for the rate limit or a retry: a job stopped there is
-never sent (nor billed) and is stored without rows. A request already sent is
-waited for, up to the job's time left, and a cancelled job's answer is stored.
+never sent (nor billed) and is stored without rows. Before its first wait for the
+rate limit, and again right before each request, it also reads its cancel flag in
+Redis (one ``EXISTS``): the control learns of a flag only at the monitor's next poll,
+and a job cancelled just before its turn must not be sent meanwhile. A request
+already sent is waited for, up to the job's time left, and a cancelled job's answer
+is stored.
 """
 
 from __future__ import annotations
@@ -218,7 +222,7 @@ class OpenAIBackend(Backend):
         ``control`` says stop before the request is sent or while it waits to be."""
         gate = control or _UNWATCHED
         gate.begin(1, "requests")  # its time limit counts from here, not from the claim
-        if gate.should_stop():
+        if self._stop_before_sending(gate):  # before it waits its turn at the rate limit
             raise JobStopped("before its OpenAI request was sent")
         seed = None
         if isinstance(spec, GenerateSpec) and spec.do_sample:
@@ -261,6 +265,11 @@ class OpenAIBackend(Backend):
                 ticket = self.limiter.acquire(request.estimated_tokens, sleep=control.wait)
             except AdmissionAbandoned:
                 raise JobStopped("while waiting for the shared OpenAI rate limit") from None
+            if self._stop_before_sending(control):
+                self.limiter.release_tokens(ticket)  # admitted, never sent: no tokens
+                raise JobStopped("before its OpenAI request was sent" if attempt == 1 else
+                                 f"before its OpenAI request was sent again after "
+                                 f"{self._describe(last)}")
             left = control.remaining()
             try:
                 response = self._send(request, max(0.001, min(timeout, left)))
@@ -312,6 +321,14 @@ class OpenAIBackend(Backend):
         assert last is not None
         raise BackendError(f"OpenAI request failed after {policy.max_attempts} attempts; "
                            f"last error: {self._describe(last)}")
+
+    @staticmethod
+    def _stop_before_sending(control: JobControl | _Unwatched) -> bool:
+        """Whether the job must stop before its request goes out: out of time, or
+        cancelled, its flag read now (:meth:`JobControl.stop_before_sending`)."""
+        if isinstance(control, JobControl):
+            return control.stop_before_sending()
+        return control.should_stop()
 
     @staticmethod
     def _timed_out(timeouts: list[float]) -> str:

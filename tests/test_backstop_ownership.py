@@ -106,8 +106,11 @@ def test_the_soft_limit_fails_only_the_job_its_task_claimed(
         pg_url: str, redis_url: str, tiny_gpt2: str, long_gpt2: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A message of X (running on another worker) and Y (whose model takes a minute to
-    load): the task claims Y only; Celery's soft limit strikes during Y's load. Y is
-    failed by the backstop; X goes on and ends as its own worker stores it."""
+    load): the task claims Y only; Celery's soft limit strikes during Y's load. The
+    message ends there, Y failed by the backstop, instead of the load going on until
+    the hard limit kills the pool process; a fresh pool process serves on (the limit
+    may strike mid-import, and the old process would fail every job after). X goes on
+    and ends as its own worker stores it."""
     monkeypatch.setenv("LOGPROBE_MODEL_LOAD_SECONDS", "0")  # (the client's limits)
     model = slow_loading_model(tiny_gpt2, tmp_path / "slow-model", gib=64)
     queue, other_queue = _queue(), _queue()
@@ -120,13 +123,21 @@ def test_the_soft_limit_fails_only_the_job_its_task_claimed(
                 "a text its model never scores", model=model, queue=queue, time_limit=1))
             worker = _worker(queue, redis_url, pg_url, tmp_path, "w").start()
             _send_together(client, queue, [x.id, y.id])
+            y_pid = int(wait_until(lambda: progress_of(client.redis, y.id), 60,
+                                   "Y's claim")["pid"])
             assert y.wait(timeout=60) is JobStatus.FAILED
             info = y.info()
             assert (info["error_type"], info["attempts"]) == ("TimeLimitExceeded", 1)
             assert "Celery's time limit" in info["error"]
+            assert (info["finished_at"] - info["started_at"]).total_seconds() < 7.5
             assert "Soft time limit (5s) exceeded" in worker.log_text()
             wait_until(lambda: "replacing this pool process" in worker.log_text(), 30,
                        "the pool process to be replaced")
+            next_job = client.score("still serving", model=tiny_gpt2, queue=queue)
+            assert next_job.result(timeout=120).loss > 0
+            assert int(progress_of(client.redis, next_job.id)["pid"]) != y_pid
+            time.sleep(max(0.0, 10 - (time.time() - info["started_at"].timestamp())))
+            assert "Hard time limit" not in worker.log_text()
             _end_x(client, x, x_pid)
             assert f"run elsewhere ({x.id})" in worker.log_text()
     finally:

@@ -11,9 +11,8 @@
 - PostgreSQL unreachable for a few seconds when the job ends: the write is retried;
 - Redis killed and restarted mid-run (with its append-only file, then without any
   data): every job completes once, after ``logprobe requeue`` where the data was lost;
-- Celery's soft limit during a model load ends the message without its hard limit, its
-  job failed by the backstop (a job stuck past the soft and the hard limit, and which
-  jobs of a message the backstop fails: ``tests/test_backstop_ownership.py``).
+- Celery's soft and hard limits (the backstop) and which jobs of a message they fail:
+  ``tests/test_backstop_ownership.py``.
 """
 
 from __future__ import annotations
@@ -417,37 +416,3 @@ def test_a_connection_lost_during_copy_is_a_retried_database_error(pg_url: str) 
     finally:
         proxy.stop()
         engine.dispose()
-
-
-def test_celerys_soft_limit_during_a_model_load_ends_the_message(
-        pg_url: str, redis_url: str, tiny_gpt2: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Celery's soft limit (1 s + 3 s of grace) strikes while the model loads (here:
-    a model that takes a minute): the message ends there, its job failed by the
-    backstop, instead of the load being retried until the hard limit (7 s) kills the
-    pool process."""
-    monkeypatch.setenv("LOGPROBE_MODEL_LOAD_SECONDS", "0")  # (the client's limits)
-    model = slow_loading_model(tiny_gpt2, tmp_path / "slow-model", gib=64)
-    queue = _queue()
-    worker = _worker(queue, redis_url, pg_url, tmp_path).start()
-    try:
-        with Client(redis_url=redis_url, database_url=pg_url, queue=queue) as client:
-            job = client.score("a text its model never scores", model=model, time_limit=1)
-            pid = int(wait_until(lambda: progress_of(client.redis, job.id), 60,
-                                 "the claim")["pid"])
-            assert job.wait(timeout=60) is JobStatus.FAILED
-            info = job.info()
-            assert info["error_type"] == "TimeLimitExceeded"
-            assert "Celery's time limit" in info["error"]
-            assert (info["finished_at"] - info["started_at"]).total_seconds() < 6.5
-            assert "Soft time limit (4s) exceeded" in worker.log_text()
-            time.sleep(max(0.0, 9 - (time.time() - info["started_at"].timestamp())))
-            assert "Hard time limit" not in worker.log_text()
-            # ... and a fresh pool process goes on serving: the limit may have struck
-            # mid-import, and the old process would fail every job after.
-            next_job = client.score("still serving", model=tiny_gpt2)
-            assert next_job.result(timeout=120).loss > 0
-            assert int(progress_of(client.redis, next_job.id)["pid"]) != pid
-            assert "replacing this pool process" in worker.log_text()
-    finally:
-        worker.stop()

@@ -99,7 +99,7 @@ def generate(lm: LoadedModel, spec: GenerateSpec) -> ProbeOutput:
 
     config = generation_config(lm, spec)
     # = compute_transition_scores(sequences, scores, normalize_logits=True), step by
-    # step as generate runs, in float64 (the float32 scores' logprobs exact to the bit).
+    # step as generate runs, in float64 (float32 on MPS: hf_step_scores.score_precision).
     step_scores = StepScores(spec.top_logprobs, release_scores=not spec.return_logits)
     criteria = StoppingCriteriaList([
         step_scores, *(job_stopping_criteria(control, offset, spec.max_new_tokens) or [])])

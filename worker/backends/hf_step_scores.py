@@ -23,27 +23,40 @@ import torch
 from transformers import StoppingCriteria
 
 
+def score_precision(device: torch.device) -> torch.dtype:
+    """The dtype a step's log-softmax is computed in on ``device``: float64 (the float32
+    scores' logprobs exact to the bit), float32 where the device has no float64
+    (Apple's MPS; there they agree with ``compute_transition_scores`` within float32
+    rounding)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class StepScores(StoppingCriteria):
-    """A stopping criterion that never stops: at each step, in float64, the logprob of
-    the token each sequence just took, and (for ``top_k`` > 0) the ``top_k`` best
-    logprobs and their ids in float32 (the rounding of the stored top-k rows).
+    """A stopping criterion that never stops: at each step, in float64
+    (:func:`score_precision`), the logprob of the token each sequence just took, and
+    (for ``top_k`` > 0) the ``top_k`` best logprobs and their ids in float32 (the
+    rounding of the stored top-k rows).
 
     ``transformers`` calls every criterion once per step, after appending the step's
     tokens to ``input_ids``, with the processed scores of all steps so far (this
     needs ``output_scores=True``). ``release_scores``: empty each step's scores once
-    read (False when ``output_logits`` returns the same tensors).
+    read (False when ``output_logits`` returns the same tensors). ``precision``:
+    the dtype of the log-softmax, by default :func:`score_precision` of the scores'
+    device.
     """
 
-    def __init__(self, top_k: int, *, release_scores: bool = True) -> None:
+    def __init__(self, top_k: int, *, release_scores: bool = True,
+                 precision: torch.dtype | None = None) -> None:
         self.top_k = top_k
         self.release_scores = release_scores
+        self.precision = precision
         self._chosen: list[torch.Tensor] = []  # [sequences] float64, one per step
         self._top_values: list[torch.Tensor] = []  # [sequences, top_k] float32
         self._top_ids: list[torch.Tensor] = []  # [sequences, top_k] long
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any,
                  **kwargs: Any) -> torch.BoolTensor:
-        step = scores[-1].double()  # [sequences, vocabulary]
+        step = scores[-1].to(self.precision or score_precision(scores[-1].device))
         log_norm = torch.logsumexp(step, dim=-1)
         self._chosen.append(step.gather(1, input_ids[:, -1:])[:, 0] - log_norm)
         if self.top_k:

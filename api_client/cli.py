@@ -346,16 +346,25 @@ def cmd_db(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logprobe", description="Probe language models "
                                      "through a job queue; results land in SQL.")
-    parser.add_argument("--redis-url", help="broker URL (default: $LOGPROBE_REDIS_URL, "
-                        "else the embedded Redis)")
-    parser.add_argument("--database-url", help="results database (default: "
-                        "$LOGPROBE_DATABASE_URL, else ~/.logprobe/logprobe.db)")
+    redis_help = "broker URL (default: $LOGPROBE_REDIS_URL, else the embedded Redis)"
+    database_help = ("results database (default: $LOGPROBE_DATABASE_URL, else "
+                     "$LOGPROBE_HOME/logprobe.db, ~/.logprobe by default)")
+    parser.add_argument("--redis-url", help=redis_help)
+    parser.add_argument("--database-url", help=database_help)
+    # The global options are accepted after the command too (`logprobe sql Q
+    # --database-url URL`); SUPPRESS keeps a value given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--redis-url", default=argparse.SUPPRESS, help=redis_help)
+    common.add_argument("--database-url", default=argparse.SUPPRESS, help=database_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("worker", help="start a worker (options: `logprobe worker --help`)",
-                   add_help=False)
+    def command(subs: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return subs.add_parser(name, parents=[common], **kwargs)
 
-    submit = sub.add_parser("submit", help="submit a probe; prints its job id")
+    command(sub, "worker", add_help=False,
+            help="start a worker (options: `logprobe worker --help`)")
+
+    submit = command(sub, "submit", help="submit a probe; prints its job id")
     submit.add_argument("kind", choices=["score", "generate"])
     submit.add_argument("text", nargs="?", help="text to score, or prompt to continue")
     submit.add_argument("--model", "-m", required=True)
@@ -385,24 +394,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wait for the result (optionally at most this many seconds) "
                         "and print it")
 
-    status = sub.add_parser("status", help="a job's status, provenance and error")
+    status = command(sub, "status", help="a job's status, provenance and error")
     status.add_argument("job")
     status.add_argument("--progress", action="store_true",
                         help="show the last reported progress even if not running")
 
-    wait = sub.add_parser("wait", help="wait for a job, with a progress bar")
+    wait = command(sub, "wait", help="wait for a job, with a progress bar")
     wait.add_argument("job")
     wait.add_argument("--timeout", type=float, help="give up after this many seconds")
     wait.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    cancel = sub.add_parser("cancel", help="cancel jobs: queued ones never start, running "
-                            "ones stop at the next decoding step (results kept, partial)")
+    cancel = command(sub, "cancel", help="cancel jobs: queued ones never start, running "
+                     "ones stop at the next decoding step (results kept, partial)")
     cancel.add_argument("jobs", nargs="+", metavar="JOB")
     cancel.add_argument("--wait", type=float, nargs="?", const=0,
                         help="wait until a running job has stopped (at most this many seconds)")
 
-    requeue = sub.add_parser("requeue", help="resubmit jobs SQL says are queued/running but "
-                             "the broker lost (e.g. after Redis lost its data)")
+    requeue = command(sub, "requeue", help="resubmit jobs SQL says are queued/running but "
+                      "the broker lost (e.g. after Redis lost its data)")
     requeue.add_argument("--older-than", type=float, default=60.0,
                          help="only jobs submitted at least this many seconds ago (default 60)")
     requeue.add_argument("--stale-after", type=float, default=30.0,
@@ -410,19 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "is alive and left alone (default 30)")
     requeue.add_argument("--dry-run", action="store_true", help="list them, resubmit nothing")
 
-    show = sub.add_parser("show", help="a finished job's per-token table")
+    show = command(sub, "show", help="a finished job's per-token table")
     show.add_argument("job")
     show.add_argument("--sequence", type=int, default=0)
     show.add_argument("--prompt", action="store_true", help="include a generation's prompt")
     show.add_argument("--wait", type=float, help="wait up to this many seconds for the job")
     show.add_argument("--format", choices=["table", "csv"], default="table")
 
-    sql = sub.add_parser("sql", help="run a SQL query on the results database")
+    sql = command(sub, "sql", help="run a SQL query on the results database")
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
-    export = sub.add_parser("export", help="write a query's rows, or jobs' rows, to "
-                            "CSV or Parquet")
+    export = command(sub, "export", help="write a query's rows, or jobs' rows, to "
+                     "CSV or Parquet")
     what = export.add_mutually_exclusive_group(required=True)
     what.add_argument("--query", "-q", help="a SQL query (any table or view)")
     what.add_argument("--jobs", nargs="+", metavar="JOB", help="job ids")
@@ -435,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: from the output file's suffix, else csv")
     export.add_argument("--output", "-o", help="output file (default: CSV on stdout)")
 
-    plot = sub.add_parser("plot", help="draw a job's per-token logprobs (PNG and/or HTML)")
+    plot = command(sub, "plot", help="draw a job's per-token logprobs (PNG and/or HTML)")
     plot.add_argument("jobs", nargs="+", metavar="JOB")
     plot.add_argument("--compare", action="store_true",
                       help="overlay several jobs (the same text across models)")
@@ -446,22 +455,22 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--height", type=int, help="pixels (default: 420)")
     plot.add_argument("--wait", type=float, default=0,
                       help="wait up to this many seconds for unfinished jobs")
-    logits = sub.add_parser("logits", help="a job's full-logits artifact (return_logits)")
+    logits = command(sub, "logits", help="a job's full-logits artifact (return_logits)")
     logits.add_argument("job")
     logits.add_argument("--out", help="also save the array to this .npy file")
     logits.add_argument("--wait", type=float, help="wait up to this many seconds for the job")
 
-    det = sub.add_parser("determinism", help="repeat probes and compare their runs")
+    det = command(sub, "determinism", help="repeat probes and compare their runs")
     det_sub = det.add_subparsers(dest="determinism_command", required=True)
-    det_report = det_sub.add_parser(
-        "report", help="the determinism_report view: one row per probe configuration")
+    det_report = command(
+        det_sub, "report", help="the determinism_report view: one row per probe configuration")
     det_report.add_argument("--config-hash", help="only this configuration")
     det_report.add_argument("--model", help="only this model")
     det_report.add_argument("--kind", choices=["score", "generate"])
     det_report.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    det_repeat = det_sub.add_parser(
-        "repeat", help="submit one probe N times (to each --queue); prints the config hash "
-        "and job ids")
+    det_repeat = command(
+        det_sub, "repeat", help="submit one probe N times (to each --queue); prints the config "
+        "hash and job ids")
     det_repeat.add_argument("kind", choices=["score", "generate"])
     det_repeat.add_argument("text", nargs="?", help="text to score, or prompt to continue")
     det_repeat.add_argument("--model", "-m", required=True)
@@ -474,9 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "each) and print the report row")
     det_repeat.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
-    db = sub.add_parser("db", help="database schema")
+    db = command(sub, "db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    upgrade = db_sub.add_parser("upgrade", help="alembic upgrade (default: head)")
+    upgrade = command(db_sub, "upgrade", help="alembic upgrade (default: head)")
     upgrade.add_argument("revision", nargs="?", default="head")
     return parser
 

@@ -150,3 +150,39 @@ def test_submit_merges_spec_json_with_options(hf_worker, client, tiny_gpt2) -> N
         )
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_global_options_after_the_command(tmp_path, monkeypatch) -> None:
+    """``--redis-url`` / ``--database-url`` work after the command too
+    (``logprobe sql QUERY --database-url URL``), and ``logprobe worker --backend hf
+    --redis-url URL`` hands them to the worker in its environment, not its arguments."""
+    import sqlite3
+
+    from api_client import cli
+
+    db = tmp_path / "after.db"
+    url = f"sqlite:///{db}"
+    subprocess.run(logprobe_command("db", "upgrade", "--database-url", url), check=True,
+                   env=subprocess_env(LOGPROBE_DATABASE_URL=""), capture_output=True,
+                   timeout=120)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (0,)
+    out = subprocess.run(
+        logprobe_command("sql", "SELECT COUNT(*) AS n FROM jobs", "--format", "csv",
+                         "--database-url", url),
+        capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["n", "0"]
+
+    execs: list[tuple[list[str], dict[str, str]]] = []
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: execs.append((argv, env)))
+    cli.main(["worker", "--backend", "hf", "--redis-url", "redis://127.0.0.1:1/5",
+              "--database-url", url, "--queues", "q1"])
+    cli.main(["--redis-url", "redis://127.0.0.1:1/6", "worker", "--backend", "hf"])
+    (argv, env), (argv2, env2) = execs
+    assert argv[-5:] == ["-m", "worker", "--backend", "hf", "--queues", "q1"][-5:]
+    assert "--redis-url" not in argv and "--database-url" not in argv
+    assert (env["LOGPROBE_REDIS_URL"], env["LOGPROBE_DATABASE_URL"]) == (
+        "redis://127.0.0.1:1/5", url)
+    assert argv2[-3:] == ["worker", "--backend", "hf"]
+    assert env2["LOGPROBE_REDIS_URL"] == "redis://127.0.0.1:1/6"

@@ -80,7 +80,8 @@ class Job(Base):
     transformers_version: Mapped[str | None] = mapped_column(String(64))
     openai_version: Mapped[str | None] = mapped_column(String(64))
     system_fingerprint: Mapped[str | None] = mapped_column(String(128))
-    request_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # None is SQL NULL (hf jobs send no request), never a JSON null (migration 0010).
+    request_params: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     # Determinism: jobs with the same config_hash asked the same question (set at submit:

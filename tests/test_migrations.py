@@ -147,3 +147,40 @@ def test_0009_hashes_outputs_without_ids_by_their_text(database_url: str) -> Non
             connection.execute(text("DELETE FROM jobs"))
         engine.dispose()
         upgrade_schema(database_url, "head")
+
+
+def test_0010_makes_json_null_request_params_sql_null(database_url: str) -> None:
+    """Result reuse copied an hf job's absent request parameters as a JSON ``null``;
+    0010 makes them SQL NULL (``request_params IS NULL``), real parameters untouched."""
+    import json
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from api_client.database import alembic_config, upgrade_schema
+
+    command.downgrade(alembic_config(database_url), "0009")
+    engine = make_engine(database_url)
+    params = {"model": "davinci-002", "logprobs": 5}
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO jobs (id, kind, backend, model, status, spec, queue, "
+                "request_params, attempts, created_at, partial) VALUES (:id, 'score', "
+                ":backend, 'm', 'succeeded', :spec, 'q', :params, 1, CURRENT_TIMESTAMP, false)"),
+                [{"id": "a" * 32, "backend": "hf", "spec": "{}", "params": "null"},
+                 {"id": "b" * 32, "backend": "openai", "spec": "{}",
+                  "params": json.dumps(params)},
+                 {"id": "c" * 32, "backend": "hf", "spec": "{}", "params": None}])
+        upgrade_schema(database_url, "head")
+        with engine.connect() as connection:
+            rows = dict(connection.execute(text(
+                "SELECT id, request_params FROM jobs WHERE request_params IS NOT NULL")).all())
+        assert list(rows) == ["b" * 32]
+        stored = rows["b" * 32]
+        assert (json.loads(stored) if isinstance(stored, str) else stored) == params
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM jobs"))
+        engine.dispose()
+        upgrade_schema(database_url, "head")

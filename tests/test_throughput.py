@@ -343,6 +343,10 @@ def test_identical_score_is_reused_not_recomputed(client, tiny_gpt2: str) -> Non
     assert second.info()["reused_from"] == first.id
     assert reused.loss == 123.0
     assert reused.tokens == original.tokens
+    # hf jobs have no request parameters: SQL NULL in the copy too, not JSON null.
+    assert client.sql("SELECT COUNT(*) AS n FROM jobs WHERE id IN (:a, :b) AND "
+                      "request_params IS NULL", {"a": first.id, "b": second.id}
+                      ).iloc[0]["n"] == 2
 
     fresh = client.score(text, model=tiny_gpt2, top_logprobs=2, reuse=False)
     recomputed = fresh.result(timeout=120)

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, delete, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .artifacts import EMBEDDINGS_DIR, ArtifactStore, embedding_array
@@ -209,9 +210,14 @@ class Client:
                     rows = [_job_row(by_id[item["id"]], now, sweep_id) for item in items]
                     for item, row in zip(items, rows, strict=True):
                         item["spec"] = row["spec"]
-                    with session.begin():  # PostgreSQL: one COPY, not an INSERT per job
-                        insert_rows(session, Job, tuple(rows[0]),
-                                    [tuple(row.values()) for row in rows])
+                    try:
+                        with session.begin():  # PostgreSQL: one COPY, not an INSERT per job
+                            insert_rows(session, Job, tuple(rows[0]),
+                                        [tuple(row.values()) for row in rows])
+                    except (OperationalError, ProgrammingError) as exc:
+                        if (schema_error := self._schema_error(exc)) is None:
+                            raise
+                        raise schema_error from exc
                     written.extend(item["id"] for item in items)
                     try:
                         self._send(producer, queue_name, items)
@@ -229,6 +235,17 @@ class Client:
         with self.celery.producer_or_acquire() as producer:
             for queue_name, items in chunk_messages(rows, chunk_size):
                 self._send(producer, queue_name, items)
+
+    def _schema_error(self, exc: Exception) -> ConfigError | None:
+        """A clear error if ``exc`` says the database has no ``jobs`` table (an explicit
+        LOGPROBE_DATABASE_URL whose schema was never created), else None."""
+        message = str(getattr(exc, "orig", exc))
+        if "jobs" not in message or not any(
+                phrase in message for phrase in ("no such table", "does not exist")):
+            return None
+        return ConfigError(
+            f"the database at {self.database_url_safe} has no logprobe tables; create them "
+            "with `logprobe db upgrade` (on the same LOGPROBE_DATABASE_URL)")
 
     def _broker_error(self, exc: Exception) -> ConfigError:
         return ConfigError(

@@ -127,3 +127,30 @@ def test_token_ids_as_an_array_and_a_sweep_with_a_time_limit(client, tiny_gpt2) 
     limits = client.sql("SELECT time_limit FROM jobs WHERE sweep_id = :s",
                         {"s": sweep.id})["time_limit"]
     assert limits.tolist() == [120, 120]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_database_without_the_schema_says_to_create_it(kind, tmp_path, redis_url) -> None:
+    """An explicit database URL whose schema was never created: submit says what to
+    run, not SQLAlchemy's "no such table"; nothing reaches the broker."""
+    import redis as redis_py
+
+    from api_client import Client, ConfigError
+    from tests.conftest import POSTGRES_URL
+    from tests.helpers import create_postgres_database, drop_postgres_database
+
+    if kind == "postgres" and POSTGRES_URL == "skip":
+        pytest.skip("LOGPROBE_TEST_POSTGRES_URL=skip")
+    name = f"logprobe_test_{uuid.uuid4().hex[:12]}"
+    url = (f"sqlite:///{tmp_path / 'empty.db'}" if kind == "sqlite"
+           else create_postgres_database(POSTGRES_URL, name))
+    queue = f"test-no-schema-{uuid.uuid4().hex[:8]}"
+    try:
+        with (Client(redis_url=redis_url, database_url=url, queue=queue) as client,
+              pytest.raises(ConfigError, match=r"has no logprobe tables; create them with "
+                            r"`logprobe db upgrade`")):
+            client.score(TEXT, model="gpt2")
+        assert redis_py.Redis.from_url(redis_url).llen(queue) == 0
+    finally:
+        if kind == "postgres":
+            drop_postgres_database(POSTGRES_URL, name)

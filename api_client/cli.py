@@ -157,9 +157,9 @@ def _print_result(result: Any) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     job = _client(args).job(args.job)
     info = job.info()
-    keep = ["id", "kind", "backend", "model", "status", "worker", "attempts", "loss", "seed",
-            "model_revision", "device", "dtype", "created_at", "started_at", "finished_at",
-            "time_limit", "error"]
+    keep = ["id", "kind", "backend", "model", "status", "worker", "attempts", "reused_from",
+            "loss", "seed", "model_revision", "device", "dtype", "system_fingerprint",
+            "created_at", "started_at", "finished_at", "time_limit", "error"]
     for key in keep:
         if info.get(key) is not None:
             value = info[key].value if hasattr(info[key], "value") else info[key]

@@ -43,6 +43,11 @@ def test_submit_status_show_sql(hf_worker, client, tiny_gpt2) -> None:
 
     status = run_cli(hf_worker, "status", job_id)
     assert "succeeded" in status and tiny_gpt2 in status
+    assert "reused_from" not in status
+    # The same probe again is answered from the first one's rows: status says so.
+    copy = client.score(TEXT, model=tiny_gpt2, top_logprobs=2, queue=hf_worker.queue)
+    assert copy.wait(timeout=120) is JobStatus.SUCCEEDED
+    assert f"reused_from     {job_id}" in run_cli(hf_worker, "status", copy.id)
 
     table = run_cli(hf_worker, "show", job_id).splitlines()
     assert table[0] == f"loss {result.loss:.6f}"

@@ -10,6 +10,7 @@ from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.orm import sessionmaker
 
 from .errors import ConfigError
+from .settings import mask_url
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -34,8 +35,25 @@ def _postgres_settings(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.commit()
 
 
+def check_database_url(url: str) -> None:
+    """Refuse a database URL whose password holds an unencoded ``@``.
+
+    SQLAlchemy ends the password at the URL's *first* ``@`` and reads the rest of it
+    as the host, port or database name: psycopg's "failed to resolve host
+    'rest@db.example.org'", the port's "invalid literal for int()", a masked URL and
+    every log line would show it. :func:`make_engine` and the worker's start call this.
+    """
+    _scheme, sep, rest = url.partition("://")
+    if sep and not rest.startswith("/") and rest.count("@") > 1:  # sqlite:///a@b: no host
+        raise ConfigError(
+            f"the database URL {mask_url(url)} has more than one '@', so its password "
+            "cannot be read: percent-encode '@' in the password (and in a query value) "
+            "as %40")
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url`` with the settings logprobe relies on."""
+    check_database_url(url)
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):

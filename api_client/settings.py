@@ -67,6 +67,13 @@ class Settings:
         values["home"] = _absolute_home(values["home"])
         return cls(**values)  # type: ignore[arg-type]
 
+    def __repr__(self) -> str:
+        """The URLs with their passwords masked: a notebook that shows ``client.settings``
+        or a log line that formats it must not print them."""
+        shown = {name: mask_url(value) if name.endswith("_url") and isinstance(value, str)
+                 else value for name, value in vars(self).items()}
+        return "Settings(" + ", ".join(f"{name}={value!r}" for name, value in shown.items()) + ")"
+
     @property
     def sqlite_path(self) -> Path:
         return self.home / "logprobe.db"

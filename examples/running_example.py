@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from api_client import Client  # noqa: E402
 from api_client.cli import token_table  # noqa: E402
+from api_client.settings import mask_url  # noqa: E402
 
 TEXT = "Finn writes code"
 
@@ -77,7 +78,7 @@ def main() -> int:
                   "(real GPT-2 tokenizer, random weights)")
         model = tiny_model(client.settings.home)
     print(f"database: {client.database_url_safe}")
-    print(f"broker:   {client.settings.resolved_redis_url()}")
+    print(f"broker:   {mask_url(client.settings.resolved_redis_url())}")
 
     worker = None if args.no_worker else start_worker(
         client, client.settings.home / "logs" / "example-worker.log")

@@ -27,7 +27,7 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from .errors import ArtifactError, SpecError
-from .settings import Settings
+from .settings import Settings, mask_url
 
 #: Subdirectories of the store, by what they hold.
 EMBEDDINGS_DIR = "embeddings"
@@ -93,9 +93,10 @@ def read_bytes(uri: str) -> bytes:
         with fsspec.open(uri, "rb") as handle:
             return handle.read()
     except FileNotFoundError:
-        raise ArtifactError(f"artifact {uri} does not exist (deleted or moved?)") from None
+        raise ArtifactError(
+            f"artifact {mask_url(uri)} does not exist (deleted or moved?)") from None
     except OSError as exc:
-        raise ArtifactError(f"could not read artifact {uri}: {exc}") from None
+        raise ArtifactError(f"could not read artifact {mask_url(uri)}: {exc}") from None
 
 
 def load_array(uri: str, sha256: str | None = None) -> np.ndarray:
@@ -103,12 +104,13 @@ def load_array(uri: str, sha256: str | None = None) -> np.ndarray:
     data = read_bytes(uri)
     if sha256 is not None and sha256_hex(data) != sha256:
         raise ArtifactError(
-            f"artifact {uri} has sha256 {sha256_hex(data)}, not the recorded {sha256}: "
+            f"artifact {mask_url(uri)} has sha256 {sha256_hex(data)}, not the recorded {sha256}: "
             "the file changed after it was written"
         )
     arrays = decode(data)
     if len(arrays) != 1:
-        raise ArtifactError(f"artifact {uri} holds {len(arrays)} tensors; expected exactly one")
+        raise ArtifactError(f"artifact {mask_url(uri)} holds {len(arrays)} tensors; "
+                            "expected exactly one")
     return next(iter(arrays.values()))
 
 
@@ -123,7 +125,7 @@ class ArtifactStore:
         return cls(settings.resolved_artifacts_url())
 
     def __repr__(self) -> str:
-        return f"ArtifactStore({self.url!r})"
+        return f"ArtifactStore({mask_url(self.url)!r})"
 
     def uri_for(self, relative: str) -> str:
         path = _local_path(self.url)
@@ -158,8 +160,8 @@ class ArtifactStore:
             fs.pipe_file(fs_path, data)
             return uri
         except OSError as exc:
-            raise ArtifactError(f"could not write to the artifact store {self.url}: {exc}") \
-                from None
+            raise ArtifactError(f"could not write to the artifact store "
+                                f"{mask_url(self.url)}: {exc}") from None
 
     def put_array(self, directory: str, name: str, array: Any, *,
                   filename: str | None = None) -> ArtifactRef:

@@ -109,7 +109,7 @@ class Client:
     @property
     def database_url_safe(self) -> str:
         """The database URL with any password masked, for messages."""
-        return self.engine.url.render_as_string(hide_password=True)
+        return mask_url(self.engine.url.render_as_string(hide_password=True))
 
     def session(self) -> Session:
         if self._sessionmaker is None:

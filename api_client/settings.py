@@ -7,6 +7,7 @@ With no URLs set, logprobe keeps everything under ``LOGPROBE_HOME``
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,10 @@ class Settings:
         return ensure_embedded_redis(self.home / "redis")
 
 
+#: A ``password`` query parameter's value (up to the next ``&`` or ``#``).
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, for messages and logs.
 
@@ -105,8 +110,10 @@ def mask_url(url: str) -> str:
     password with an unencoded ``/``, ``?``, ``#`` or ``@`` (which ``urlsplit`` would
     cut into host, path, query or fragment) is masked whole. Everything from ``://``
     (or after the user name's ``:``) to that ``@`` becomes ``***``; a user name alone
-    (no ``:``) is kept.
+    (no ``:``) is kept. A ``password=`` query parameter (redis-py and libpq read one)
+    is masked too.
     """
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest or rest.startswith("/"):  # no authority: sqlite:///a@b
         return url
@@ -118,3 +125,4 @@ def mask_url(url: str) -> str:
     if any(char in user for char in "/?#"):
         user = ""
     return f"{scheme}://{user}:***@{host}"
+

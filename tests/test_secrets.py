@@ -104,3 +104,25 @@ def test_running_example_masks_the_broker_password(password_redis: str,  # noqa:
     assert "broker:" in proc.stdout, output
     assert _leaks(output, PASSWORD) == [], output
     assert "broker:   redis://:***@127.0.0.1:" in proc.stdout
+
+
+def test_password_query_parameters_and_store_urls_are_masked() -> None:
+    """libpq and redis-py also read a password from the query string; an fsspec store
+    URL may carry credentials: neither is shown in messages."""
+    from api_client.artifacts import ArtifactStore, load_array
+    from api_client.errors import ArtifactError
+    from api_client.settings import mask_url
+
+    assert mask_url(f"redis://h:6379/0?password={CANARY}") == "redis://h:6379/0?password=***"
+    assert mask_url(f"postgresql://u@h/d?sslmode=require&PASSWORD={CANARY}#x") == \
+        "postgresql://u@h/d?sslmode=require&PASSWORD=***#x"
+    client = Client(redis_url="redis://127.0.0.1:1/0",
+                    database_url=f"postgresql://u@127.0.0.1:1/d?password={CANARY}")
+    assert CANARY not in client.database_url_safe and "password=***" in client.database_url_safe
+    assert CANARY not in repr(client.settings)
+
+    store = ArtifactStore(f"memory://user:{CANARY}@bucket/store")
+    assert CANARY not in repr(store)
+    with pytest.raises(ArtifactError) as err:
+        load_array(f"memory://user:{CANARY}@bucket/store/none.safetensors", "0" * 64)
+    assert CANARY not in str(err.value) and ":***@bucket" in str(err.value)

@@ -128,8 +128,10 @@ class JobControl:
         cannot be taken back (send a billed request), so that a job whose ``cancel()``
         has returned is not sent in the poll's interval. Redis unreadable: the job goes
         on, as when the monitor cannot poll."""
-        if self.should_stop() or self.redis is None:
-            return self.stop_reason is not None
+        if self.should_stop():
+            return True
+        if self.redis is None:
+            return False
         try:
             if self.redis.exists(cancel_key(self.job_id)):
                 self._cancel.set()

@@ -133,10 +133,9 @@ def store_failure(session: Session, job_id: str, error: BaseException | str, *,
     else:
         kind, message = "Error", error
     error_type = error_type or kind
-    conditions = [Job.id == job_id, Job.status.in_(_UNFINISHED)]
-    if claim is not None:
-        conditions += [Job.status == JobStatus.RUNNING, Job.worker == claim[0],
-                       Job.attempts == claim[1]]
+    conditions = [Job.id == job_id, Job.status.in_(_UNFINISHED)] if claim is None else [
+        Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == claim[0],
+        Job.attempts == claim[1]]
     with session.begin():
         result = session.execute(
             update(Job)

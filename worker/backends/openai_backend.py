@@ -128,6 +128,9 @@ class _Unwatched:
     def should_stop(self) -> bool:
         return False
 
+    def stop_before_sending(self) -> bool:
+        return False
+
     def remaining(self) -> float:
         return math.inf
 
@@ -222,7 +225,7 @@ class OpenAIBackend(Backend):
         ``control`` says stop before the request is sent or while it waits to be."""
         gate = control or _UNWATCHED
         gate.begin(1, "requests")  # its time limit counts from here, not from the claim
-        if self._stop_before_sending(gate):  # before it waits its turn at the rate limit
+        if gate.stop_before_sending():  # before it waits its turn at the rate limit
             raise JobStopped("before its OpenAI request was sent")
         seed = None
         if isinstance(spec, GenerateSpec) and spec.do_sample:
@@ -265,7 +268,7 @@ class OpenAIBackend(Backend):
                 ticket = self.limiter.acquire(request.estimated_tokens, sleep=control.wait)
             except AdmissionAbandoned:
                 raise JobStopped("while waiting for the shared OpenAI rate limit") from None
-            if self._stop_before_sending(control):
+            if control.stop_before_sending():
                 self.limiter.release_tokens(ticket)  # admitted, never sent: no tokens
                 raise JobStopped("before its OpenAI request was sent" if attempt == 1 else
                                  f"before its OpenAI request was sent again after "
@@ -321,14 +324,6 @@ class OpenAIBackend(Backend):
         assert last is not None
         raise BackendError(f"OpenAI request failed after {policy.max_attempts} attempts; "
                            f"last error: {self._describe(last)}")
-
-    @staticmethod
-    def _stop_before_sending(control: JobControl | _Unwatched) -> bool:
-        """Whether the job must stop before its request goes out: out of time, or
-        cancelled, its flag read now (:meth:`JobControl.stop_before_sending`)."""
-        if isinstance(control, JobControl):
-            return control.stop_before_sending()
-        return control.should_stop()
 
     @staticmethod
     def _timed_out(timeouts: list[float]) -> str:

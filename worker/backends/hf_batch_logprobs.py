@@ -198,8 +198,10 @@ def head_only_logits(lm: LoadedModel, batch: Sequence[Sequence[int]], input_ids:
     architectures this path takes (:func:`head_only_applies`) number positions from
     0 whatever the mask. Without one, transformers neither builds a [batch, 1,
     length, length] mask nor reads it on the host to choose an attention kernel (on
-    a GPU, a wait for all the work queued before: the lookahead's one stall), and
-    SDPA runs its causal kernel (flash attention on a GPU). The scored positions'
+    a GPU, a wait for all the work queued before), and SDPA runs its causal kernel
+    (flash attention on a GPU). (transformers 5.x still waits once, checking the
+    position ids it made for packed sequences: batch i + 1 is queued when batch i's
+    forward pass ends, and batch i is collected while it computes.) The scored positions'
     hidden states equal the masked call's (bit for bit on a CPU;
     ``tests/test_batch_logprobs.py``).
 

@@ -284,3 +284,6 @@ def test_no_secret_in_the_database_or_the_logs(oclient: Client, fake_openai: Fak
     assert oclient.sql("SELECT COUNT(*) AS n FROM jobs").iloc[0]["n"] >= 5
     log = openai_worker.log_text()
     assert "ready." in log and API_KEY not in log and API_KEY[8:] not in log
+    # No request URLs either (httpx logs each at INFO): a base URL may hold a
+    # proxy's credentials.
+    assert fake_openai.url.split("//")[1] not in log

@@ -46,6 +46,19 @@ def test_settings_repr_masks_passwords() -> None:
     assert "redis_url=None" in repr(Settings())
 
 
+def test_openai_settings_repr_shows_neither_key_nor_base_url_password() -> None:
+    from worker.backends.openai_backend import OpenAISettings
+    from worker.backends.openai_retry import RetryPolicy
+
+    settings = OpenAISettings(api_key=f"sk-{CANARY}", timeout_s=1.0, retry=RetryPolicy(),
+                              base_url=f"https://team:{CANARY}@proxy.example.org/v1",
+                              score_max_tokens=0)
+    shown = repr(settings)
+    assert CANARY not in shown and "https://team:***@proxy.example.org/v1" in shown, shown
+    assert "base_url=None" in repr(OpenAISettings(
+        api_key="sk-x", base_url=None, timeout_s=1.0, retry=RetryPolicy(), score_max_tokens=0))
+
+
 #: '@' in a PostgreSQL password, unencoded: SQLAlchemy ends the password at the first
 #: '@' and takes the rest for the host ("failed to resolve host 'pw2@127.0.0.1'") or,
 #: with a ':' in it, for the port ("invalid literal for int() ... 'pw2@127.0.0.1:5432'").

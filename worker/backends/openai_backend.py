@@ -42,7 +42,7 @@ import openai
 
 from api_client.broker import redis_client
 from api_client.errors import BackendError, ConfigError, ProbeInputError
-from api_client.settings import Settings
+from api_client.settings import Settings, mask_url
 from api_client.specs import GenerateSpec
 
 from ..control import JobControl, JobStopped, control_for
@@ -77,7 +77,8 @@ class OpenAISettings:
     concurrency: int = 8
 
     def __repr__(self) -> str:  # never print the key
-        return (f"OpenAISettings(base_url={self.base_url!r}, timeout_s={self.timeout_s}, "
+        base_url = self.base_url and mask_url(self.base_url)
+        return (f"OpenAISettings(base_url={base_url!r}, timeout_s={self.timeout_s}, "
                 f"concurrency={self.concurrency})")
 
     def call_timeout(self, request: OpenAIRequest) -> float:
@@ -183,6 +184,11 @@ class OpenAIBackend(Backend):
     def __init__(self, settings: OpenAISettings | None = None,
                  limits: RateLimits | None = None, redis_url: str | None = None) -> None:
         self.settings = settings or OpenAISettings.from_env()
+        # The openai client's HTTP library (httpx; httpx2 from openai 3) logs each
+        # request's URL at INFO ("HTTP Request: POST https://..."): a line per request,
+        # and the base URL's credentials (a proxy's) in the worker's log.
+        for http_library in ("httpx", "httpx2"):
+            logging.getLogger(http_library).setLevel(logging.WARNING)
         self.client = openai.OpenAI(api_key=self.settings.api_key,
                                     base_url=self.settings.base_url,
                                     timeout=self.settings.timeout_s, max_retries=0)

@@ -112,6 +112,11 @@ def default_job_time_limit() -> int:
     return min(DEFAULT_JOB_TIME_LIMIT, max_job_time_limit())
 
 
+#: Seconds a broker connection may take to open, and any one read or write on it.
+BROKER_CONNECT_TIMEOUT_S = 10
+BROKER_SOCKET_TIMEOUT_S = 10
+
+
 def celery_config(
     broker_url: str, *, visibility_timeout: int | None = None
 ) -> dict[str, Any]:
@@ -123,6 +128,12 @@ def celery_config(
         # `interval` seconds (the default, interval 10 x throttle 10, is 100 s).
         "unacked_restore_interval": max(1, min(60, visibility_timeout // 5)),
         "unacked_restore_throttle": 1,
+        # No blocking read waits forever: a TLS handshake with a plain-text port (a
+        # rediss:// URL for a redis:// server) or a publish on a connection the broker
+        # dropped silently gives up, with an error, instead of hanging the process
+        # (it would not even stop on SIGTERM). BRPOP replies every second.
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+        "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
     }
     broker_url, ssl_options = split_ssl_options(broker_url)
     config: dict[str, Any] = {

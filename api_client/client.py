@@ -248,10 +248,14 @@ class Client:
             "with `logprobe db upgrade` (on the same LOGPROBE_DATABASE_URL)")
 
     def _broker_error(self, exc: Exception) -> ConfigError:
+        url = self.settings.redis_url or ""
+        tls = (" (a rediss:// URL needs Redis's TLS port; a plain-text port takes "
+               "redis://)" if url.startswith("rediss://") and "timeout" in str(exc).lower()
+               else "")
         return ConfigError(
             f"could not send the jobs to the broker at "
-            f"{mask_url(self.settings.redis_url or '') or 'the embedded Redis'}: {exc}; "
-            "check LOGPROBE_REDIS_URL and that Redis is running")
+            f"{mask_url(url) or 'the embedded Redis'}: {exc}; "
+            f"check LOGPROBE_REDIS_URL{tls} and that Redis is running")
 
     def _send(self, producer: Any, queue_name: str, items: list[dict[str, Any]]) -> None:
         """One ``run_probes`` message for ``items`` (``{"id", "spec", "time_limit"}``

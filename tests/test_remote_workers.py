@@ -213,6 +213,44 @@ def test_tls_redis_and_background_worker(tls_redis: str, tiny_gpt2: str,
     assert PASSWORD not in proc.stderr and quote(PASSWORD, safe="") not in proc.stderr
 
 
+def test_a_rediss_url_for_a_plain_port_fails_clearly_and_the_worker_still_stops(
+        redis_url: str, tmp_path: Path) -> None:
+    """TLS spoken to a plain-text Redis: both sides wait for the other, so without a
+    socket timeout the handshake never ends (the worker then ignored SIGTERM)."""
+    from api_client.broker import BROKER_SOCKET_TIMEOUT_S
+    from api_client.database import upgrade_schema
+    from worker.background import start_worker
+
+    assert redis_url.startswith("redis://")
+    url = "rediss://" + redis_url.removeprefix("redis://")  # the same plain-text port
+    database = f"sqlite:///{tmp_path / 'results.db'}"
+    upgrade_schema(database)
+    queue = f"logprobe.hf.plain-{uuid.uuid4().hex[:6]}"
+    handle = start_worker(backend="hf", redis_url=url, database_url=database, queues=queue,
+                          env=subprocess_env(), log_path=tmp_path / "worker.log", wait=False)
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(
+            logprobe_command("--redis-url", url, "--database-url", database, "submit",
+                             "score", TEXT, "--model", "gpt2", "--queue", queue),
+            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+        assert time.monotonic() - started < 4 * BROKER_SOCKET_TIMEOUT_S
+        assert proc.returncode == 2, proc.stderr
+        assert "Timeout" in proc.stderr and "needs Redis's TLS port" in proc.stderr
+        with Client(redis_url=redis_url, database_url=database) as c:  # nothing was kept
+            assert c.sql("SELECT COUNT(*) AS n FROM jobs").iloc[0]["n"] == 0
+        deadline = time.monotonic() + 3 * BROKER_SOCKET_TIMEOUT_S
+        while "Cannot connect to rediss://" not in handle.log_text():
+            assert time.monotonic() < deadline, handle.log_text()[-2000:]
+            time.sleep(0.5)
+        assert handle.alive
+    finally:
+        stopping = time.monotonic()
+        code = handle.stop(timeout=60)
+    # Stopped by SIGTERM (warm shutdown), not by the SIGKILL after the stop's timeout.
+    assert code == 0 and time.monotonic() - stopping < BROKER_SOCKET_TIMEOUT_S + 15
+
+
 def test_ssl_options_from_rediss_urls() -> None:
     import ssl
 

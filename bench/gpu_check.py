@@ -221,6 +221,7 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     import torch
 
     from api_client.specs import ScoreSpec
+    from api_client.sweeps import DEFAULT_CHUNK_SIZE
     from bench.throughput import (
         bare_batched_forward,
         notebook_loop,
@@ -265,6 +266,15 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
         methods[notebook_name] = lambda: notebook_loop(model, notebook_ids, device)
         scored[notebook_name] = sum(len(ids) - 1 for ids in notebook_ids)
     if first:
+        # The bare forward on the batches a worker runs when the texts come N a
+        # message: what smaller batches cost the GPU, apart from the queue's cost.
+        budget = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[torch.device(device).type])
+        for chunk_size in args.chunk_size or [DEFAULT_CHUNK_SIZE]:
+            batches = message_batches(lengths, chunk_size, budget)
+            methods[f"bare batched forward on the batches of {chunk_size} jobs a message "
+                    f"({len(batches)} batches, against {len(plan)})"] = (
+                lambda batches=batches: bare_batched_forward(model, id_lists, batches, 2,
+                                                             device))
         # The worker's scoring (outputs built, nothing stored) on this process's model:
         # what the queue and the database cost is the gap from here to end to end.
         lm = in_process_model(model, model_dir, device)
@@ -322,6 +332,19 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
               for name, ts in times.items()), flush=True)
     print("end-to-end rounds, from the job rows' own timestamps:\n  " + "\n  ".join(timelines),
           flush=True)
+
+
+def message_batches(lengths: list[int], chunk_size: int, budget: object) -> list[list[int]]:
+    """The worker's batches (indices into ``lengths``) when the client sends these
+    texts ``chunk_size`` to a message: sorted by length and cut into messages (as
+    ``api_client.sweeps.chunk_messages`` does), each message planned on its own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = []
+    for start in range(0, len(order), chunk_size):
+        message = order[start : start + chunk_size]
+        batches += [[message[i] for i in batch]
+                    for batch in budget.plan([lengths[i] for i in message])]  # type: ignore[attr-defined]
+    return batches
 
 
 def in_process_model(model: object, model_dir: Path, device: str) -> object:

@@ -236,11 +236,31 @@ def test_server_errors_are_retried_then_fail_with_the_last_error(
 
     fake_openai.inject(*[Fault(500, message=f"down {i}") for i in range(3)])
     prompt = f"give up {uuid.uuid4().hex[:6]}"
+    job = oclient.generate(prompt, model="davinci-002", backend="openai", max_new_tokens=2)
     with pytest.raises(JobFailed, match=r"OpenAI request failed after 3 attempts; last error: "
                                         r"HTTP 500: down 2"):
-        oclient.generate(prompt, model="davinci-002", backend="openai",
-                         max_new_tokens=2).result(timeout=60)
-    assert len(sent(fake_openai, "prompt", prompt)) == 3
+        job.result(timeout=60)
+    requests = sent(fake_openai, "prompt", prompt)
+    assert len(requests) == 3
+    # The failed job still records the request it sent (greedy: no seed).
+    row = job_row(oclient, job.id)
+    assert row["request_params"] == {"endpoint": "completions", **requests[-1].body}
+    assert row["seed"] is None or math.isnan(row["seed"])
+
+
+def test_a_refused_sampled_request_records_what_it_sent_and_its_picked_seed(
+        oclient: Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.inject(Fault(400, code="invalid_value", message="refused"))
+    prompt = f"refuse me {uuid.uuid4().hex[:6]}"
+    job = oclient.generate(prompt, model="davinci-002", backend="openai", max_new_tokens=2,
+                           do_sample=True, temperature=0.7)
+    with pytest.raises(JobFailed, match="refused"):
+        job.result(timeout=60)
+    (request,) = sent(fake_openai, "prompt", prompt)  # not retried: the input's fault
+    row = job_row(oclient, job.id)
+    assert row["status"] == "failed"
+    assert row["request_params"] == {"endpoint": "completions", **request.body}
+    assert row["seed"] == request.body["seed"] and request.body["temperature"] == 0.7
 
 
 def test_repeats_view_shows_identical_text_and_fingerprint_changes(

@@ -7,7 +7,7 @@ never written again (a redelivered message must not store results twice).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -121,9 +121,11 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 def store_failure(session: Session, job_id: str, error: BaseException | str, *,
                   error_type: str | None = None, started_at: datetime | None = None,
-                  claim: tuple[str, int] | None = None) -> bool:
+                  claim: tuple[str, int] | None = None,
+                  provenance: Mapping[str, Any] | None = None) -> bool:
     """Mark an unfinished job failed with its error text (no traceback, no secrets);
-    ``started_at``, if given, is when it began. With ``claim = (worker, attempts)``
+    ``started_at``, if given, is when it began; ``provenance``, provenance columns it
+    still records (an OpenAI job's request and seed). With ``claim = (worker, attempts)``
     only a job still ``running`` under that claim is failed (``jobs.worker`` and
     ``jobs.attempts`` as the claim left them: no later claim took it over), as
     Celery's backstop fails the jobs its task claimed
@@ -141,20 +143,24 @@ def store_failure(session: Session, job_id: str, error: BaseException | str, *,
             update(Job)
             .where(*conditions)
             .values(status=JobStatus.FAILED, error=message, error_type=error_type,
-                    finished_at=_now(), **_start(started_at))
+                    finished_at=_now(), **_start(started_at),
+                    **storable_provenance(provenance or {}))
         )
     return bool(result.rowcount)
 
 
 def store_cancelled(session: Session, job_id: str, message: str, *,
-                    started_at: datetime | None = None) -> bool:
+                    started_at: datetime | None = None,
+                    provenance: Mapping[str, Any] | None = None) -> bool:
     """Mark an unfinished job cancelled without results (it was stopped before it
-    computed anything); ``started_at``, if given, is when it began."""
+    computed anything); ``started_at``, if given, is when it began; ``provenance`` as
+    in :func:`store_failure`."""
     with session.begin():
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(_UNFINISHED))
             .values(status=JobStatus.CANCELLED, error=message, error_type="Cancelled",
-                    partial=False, finished_at=_now(), **_start(started_at))
+                    partial=False, finished_at=_now(), **_start(started_at),
+                    **storable_provenance(provenance or {}))
         )
     return bool(result.rowcount)

@@ -32,7 +32,7 @@ from api_client.specs import parse_spec
 
 from .artifact_output import write_logits
 from .backends import get_backend
-from .backends.base import AnySpec, Backend, ProbeOutput
+from .backends.base import AnySpec, Backend, ProbeOutput, failure_provenance
 from .bulk_persistence import claim_message, store_outputs
 from .config import WorkerOptions
 from .control import (
@@ -138,7 +138,8 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
             release_memory()
         _store(state, f"store the failure of job {job_id}",
                lambda s: store_failure(s, job_id, message, error_type=error_type,
-                                       started_at=started_at))
+                                       started_at=started_at,
+                                       provenance=failure_provenance(output)))
     elif control.stop_reason == CANCELLED:
         _store(state, f"store cancelled job {job_id}",
                lambda s: store_output(s, job_id, output, status=JobStatus.CANCELLED,
@@ -158,13 +159,15 @@ def _finish(state: ProcessState, job_id: str, output: ProbeOutput | Exception,
 def _store_stopped(state: ProcessState, job_id: str, stopped: JobStopped,
                    control: JobControl, started_at: datetime | None) -> None:
     """A job its backend stopped before it had anything to store: no rows, not partial."""
+    sent = failure_provenance(stopped)  # e.g. the request an OpenAI job had sent
     if control.stop_reason == CANCELLED:
         _store(state, f"store cancelled job {job_id}", lambda s: store_cancelled(
-            s, job_id, f"cancelled {stopped.when}", started_at=started_at))
+            s, job_id, f"cancelled {stopped.when}", started_at=started_at, provenance=sent))
         return
     message = time_limit_message(control.time_limit, when=stopped.when)
     _store(state, f"store timed-out job {job_id}", lambda s: store_failure(
-        s, job_id, message, error_type="TimeLimitExceeded", started_at=started_at))
+        s, job_id, message, error_type="TimeLimitExceeded", started_at=started_at,
+        provenance=sent))
 
 
 #: Sends jobs of a message again, one message each: ``[(queue, item)]`` with ``item``

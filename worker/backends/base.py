@@ -43,6 +43,17 @@ class ProbeOutput:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
 
 
+def attach_provenance(exc: BaseException, **values: Any) -> None:
+    """Job-row provenance values a job that ends with ``exc`` still records (the
+    request an OpenAI job sent before it failed, and its seed)."""
+    exc.job_provenance = {**failure_provenance(exc), **values}  # type: ignore[attr-defined]
+
+
+def failure_provenance(exc: BaseException) -> dict[str, Any]:
+    """The values :func:`attach_provenance` put on ``exc`` (empty if none)."""
+    return dict(getattr(exc, "job_provenance", None) or {})
+
+
 #: ``on_ready(indices, outputs)``: outputs of ``specs[i]`` for ``i`` in ``indices``.
 OutputsReady = Callable[[Sequence[int], Sequence[ProbeOutput | Exception]], None]
 

@@ -125,4 +125,3 @@ def mask_url(url: str) -> str:
     if any(char in user for char in "/?#"):
         user = ""
     return f"{scheme}://{user}:***@{host}"
-

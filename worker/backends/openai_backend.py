@@ -33,7 +33,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -275,78 +275,88 @@ class OpenAIBackend(Backend):
         the window rather than for ``retry-after``. A timeout or a dropped connection
         keeps its charge, as the server may have generated the answer."""
         sent = False  # whether a send was attempted (the request may have gone out)
+
+        def send(timeout: float) -> dict[str, Any]:
+            nonlocal sent
+            sent = True
+            return self._send(request, timeout)
+
         try:
-            policy = self.settings.retry
-            timeout = self.settings.call_timeout(request)
-            timeouts: list[float] = []
-            last: Exception | None = None
-            for attempt in range(1, policy.max_attempts + 1):
-                try:
-                    ticket = self.limiter.acquire(request.estimated_tokens, sleep=control.wait)
-                except AdmissionAbandoned:
-                    raise JobStopped("while waiting for the shared OpenAI rate limit") from None
-                if control.stop_before_sending():
-                    self.limiter.release_tokens(ticket)  # admitted, never sent: no tokens
-                    raise JobStopped("before its OpenAI request was sent" if attempt == 1 else
-                                     f"before its OpenAI request was sent again after "
-                                     f"{self._describe(last)}")
-                left = control.remaining()
-                try:
-                    sent = True
-                    response = self._send(request, max(0.001, min(timeout, left)))
-                except openai.APITimeoutError as exc:  # before APIConnectionError: it is one
-                    last = exc
-                    if left <= timeout:  # the job's time ran out, not the call's
-                        control.wait(control.remaining() + 0.01)
-                        if control.should_stop():
-                            raise JobStopped("while its OpenAI request was unanswered") from None
-                    timeouts.append(timeout)
-                    if control.should_stop():  # cancelled while the request was unanswered
-                        raise JobStopped("while its OpenAI request was unanswered") from None
-                    if len(timeouts) > self.settings.timeout_retries:
-                        raise BackendError(self._timed_out(timeouts)) from None
-                    timeout *= 2
-                    wait = policy.backoff(attempt)
-                    log.warning("OpenAI request timed out after %.1fs (attempt %d/%d); sending "
-                                "it once more with a %.1fs timeout in %.2fs", timeouts[-1], attempt,
-                                policy.max_attempts, timeout, wait)
-                except openai.APIStatusError as exc:
-                    last = exc
-                    # An error answer generated nothing: its tokens leave the shared window
-                    # (the request stays counted, as OpenAI counts failed requests).
-                    self.limiter.release_tokens(ticket)
-                    self._refuse_if_final(exc, request)
-                    wait = policy.backoff(attempt)
-                    if exc.status_code == 429:
-                        asked = retry_after_seconds(exc.response.headers)
-                        pause = asked if asked is not None else wait
-                        self.limiter.pause(pause)
-                        log.warning("OpenAI 429 (attempt %d/%d): every worker pauses %.2fs",
-                                    attempt, policy.max_attempts, pause)
-                        wait = random.uniform(0.0, min(1.0, policy.base_s))  # + the shared pause
-                    else:
-                        log.warning("OpenAI %s (attempt %d/%d); retrying in %.2fs",
-                                    self._describe(exc), attempt, policy.max_attempts, wait)
-                except openai.APIConnectionError as exc:
-                    last = exc
-                    wait = policy.backoff(attempt)
-                    log.warning("OpenAI %s (attempt %d/%d); retrying in %.2fs",
-                                self._describe(exc), attempt, policy.max_attempts, wait)
-                else:
-                    usage = response.get("usage") or {}
-                    self.limiter.settle(ticket, usage.get("total_tokens"))
-                    return response
-                if attempt < policy.max_attempts and control.wait(wait):
-                    raise JobStopped(f"while waiting to retry its OpenAI request after "
-                                     f"{self._describe(last)}")
-            assert last is not None
-            raise BackendError(f"OpenAI request failed after {policy.max_attempts} attempts; "
-                               f"last error: {self._describe(last)}")
+            return self._with_retries(request, control, send)
         except BaseException as exc:
             if sent:  # a failed or stopped job still records what it sent, or tried to
                 attach_provenance(exc, request_params=request.stored_params(),
                                   seed=request.params.get("seed"))
             raise
+
+    def _with_retries(self, request: OpenAIRequest, control: JobControl | _Unwatched,
+                      send: Callable[[float], dict[str, Any]]) -> dict[str, Any]:
+        """:meth:`call`'s attempts: ``send(timeout)`` sends ``request`` once."""
+        policy = self.settings.retry
+        timeout = self.settings.call_timeout(request)
+        timeouts: list[float] = []
+        last: Exception | None = None
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                ticket = self.limiter.acquire(request.estimated_tokens, sleep=control.wait)
+            except AdmissionAbandoned:
+                raise JobStopped("while waiting for the shared OpenAI rate limit") from None
+            if control.stop_before_sending():
+                self.limiter.release_tokens(ticket)  # admitted, never sent: no tokens
+                raise JobStopped("before its OpenAI request was sent" if attempt == 1 else
+                                 f"before its OpenAI request was sent again after "
+                                 f"{self._describe(last)}")
+            left = control.remaining()
+            try:
+                response = send(max(0.001, min(timeout, left)))
+            except openai.APITimeoutError as exc:  # before APIConnectionError: it is one
+                last = exc
+                if left <= timeout:  # the job's time ran out, not the call's
+                    control.wait(control.remaining() + 0.01)
+                    if control.should_stop():
+                        raise JobStopped("while its OpenAI request was unanswered") from None
+                timeouts.append(timeout)
+                if control.should_stop():  # cancelled while the request was unanswered
+                    raise JobStopped("while its OpenAI request was unanswered") from None
+                if len(timeouts) > self.settings.timeout_retries:
+                    raise BackendError(self._timed_out(timeouts)) from None
+                timeout *= 2
+                wait = policy.backoff(attempt)
+                log.warning("OpenAI request timed out after %.1fs (attempt %d/%d); sending "
+                            "it once more with a %.1fs timeout in %.2fs", timeouts[-1], attempt,
+                            policy.max_attempts, timeout, wait)
+            except openai.APIStatusError as exc:
+                last = exc
+                # An error answer generated nothing: its tokens leave the shared window
+                # (the request stays counted, as OpenAI counts failed requests).
+                self.limiter.release_tokens(ticket)
+                self._refuse_if_final(exc, request)
+                wait = policy.backoff(attempt)
+                if exc.status_code == 429:
+                    asked = retry_after_seconds(exc.response.headers)
+                    pause = asked if asked is not None else wait
+                    self.limiter.pause(pause)
+                    log.warning("OpenAI 429 (attempt %d/%d): every worker pauses %.2fs",
+                                attempt, policy.max_attempts, pause)
+                    wait = random.uniform(0.0, min(1.0, policy.base_s))  # + the shared pause
+                else:
+                    log.warning("OpenAI %s (attempt %d/%d); retrying in %.2fs",
+                                self._describe(exc), attempt, policy.max_attempts, wait)
+            except openai.APIConnectionError as exc:
+                last = exc
+                wait = policy.backoff(attempt)
+                log.warning("OpenAI %s (attempt %d/%d); retrying in %.2fs",
+                            self._describe(exc), attempt, policy.max_attempts, wait)
+            else:
+                usage = response.get("usage") or {}
+                self.limiter.settle(ticket, usage.get("total_tokens"))
+                return response
+            if attempt < policy.max_attempts and control.wait(wait):
+                raise JobStopped(f"while waiting to retry its OpenAI request after "
+                                 f"{self._describe(last)}")
+        assert last is not None
+        raise BackendError(f"OpenAI request failed after {policy.max_attempts} attempts; "
+                           f"last error: {self._describe(last)}")
 
     @staticmethod
     def _timed_out(timeouts: list[float]) -> str:

@@ -23,11 +23,12 @@ from .embedding_specs import ArtifactEmbedding, InterpolateEmbedding, NoiseEmbed
 from .errors import ConfigError, SpecError
 from .jobs import JobHandle
 from .logits import check_logits_size_at_submit
+from .messages import chunk_messages
 from .reuse import spec_hash_of
 from .schema import MAX_QUEUE_LENGTH, Job, JobStatus
 from .settings import Settings, mask_url
 from .specs import GenerateSpec, ScoreSpec, make_spec, parse_spec, token_id_list
-from .sweeps import DEFAULT_CHUNK_SIZE, SweepHandle, as_list, chunk_messages, sweep_specs
+from .sweeps import SweepHandle, as_list, sweep_specs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,14 +81,15 @@ class Client:
         queue: str | None = None,
         artifacts_url: str | None = None,
         routes: dict[str, str] | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
     ) -> None:
         #: Where submissions go when a call names no queue (default: logprobe.<backend>).
         self.queue = queue
         #: Model name -> queue, for jobs of that model when a call names no queue
         #: (e.g. ``{"meta-llama/Llama-2-7b-hf": model_queue("llama-7b")}``).
         self.routes = dict(routes or {})
-        #: Most jobs per broker message when many are submitted together (see sweeps.py).
+        #: Jobs per broker message when many are submitted together; None: 64, more
+        #: for short Hugging Face score jobs (:mod:`api_client.messages`).
         self.chunk_size = chunk_size
         self.settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
                                           home=home, artifacts_url=artifacts_url)
@@ -173,8 +175,9 @@ class Client:
         ``time_limit``: seconds each job may run before the worker stops it (default
         ``LOGPROBE_JOB_TIME_LIMIT`` or 6 h; at most :func:`~api_client.broker.max_job_time_limit`,
         below the broker's visibility timeout). Jobs go to the broker ``chunk_size``
-        (default ``self.chunk_size``) to a message, grouped by queue and model, so a
-        worker can batch them. Nothing is written if any spec is invalid
+        (default ``self.chunk_size``; None: 64, up to 256 for short Hugging Face score
+        jobs, :mod:`api_client.messages`) to a message, grouped by queue and model, so
+        a worker can batch them. Nothing is written if any spec is invalid
         (:class:`SpecError`). If a write fails or the broker cannot be reached, the
         rows written so far are removed again (a worker that already took one of
         their messages finds no job and skips it) and the error raised.
@@ -206,7 +209,8 @@ class Client:
                     producer = stack.enter_context(celery.producer_or_acquire())
                 except Exception as exc:
                     raise self._broker_error(exc) from exc
-                for queue_name, items in chunk_messages(planned, chunk_size or self.chunk_size):
+                for queue_name, items in chunk_messages(
+                        planned, self.chunk_size if chunk_size is None else chunk_size):
                     rows = [_job_row(by_id[item["id"]], now, sweep_id) for item in items]
                     for item, row in zip(items, rows, strict=True):
                         item["spec"] = row["spec"]

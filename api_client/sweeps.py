@@ -1,23 +1,9 @@
 """Sweeps: the cross product of texts, models and seeds, submitted as one unit.
 
 A sweep is a set of job rows sharing a ``sweep_id`` (one SQL query selects it),
-sent to the broker in few messages: jobs of the same queue and model are packed
-``chunk_size`` to a message, so a worker claims and scores them as a batch. Jobs are
-packed in order of input length: a worker pads each batch to its longest text, and
-messages of texts in random order gave their batches 27% (64 a message) and 7% (256)
-more padded tokens than one plan over all the texts (2,048 paragraphs of the GPU
-benchmark, batches of at most 64); sorted, none.
-
-Chunk size trades batching against fairness. A message is one unit of work for
-one worker process (prefetch 1, acked when all its jobs are stored), so with W
-workers on a queue, N jobs spread over all of them only if ``chunk_size <= N / W``;
-and another user's jobs on the same queue wait at most one message per worker.
-The default (64) fills a CPU's batches (1,024 tokens) and a GPU's for texts of 128
-tokens or more, without holding minutes of work in one message; lower it
-for long generations or many workers. Short texts on a GPU want more: 64
-paragraphs of ~44 tokens are a third of one 8,192-token CUDA batch, and on an H100
-256 a message scored them at 0.82-0.90x the bare forward pass against 0.69-0.71x
-at 64 (docs/throughput.md, "On a GPU, after the changes").
+sent to the broker in few messages (:mod:`api_client.messages`): jobs of the same
+queue and model go together, shortest input first, so that a worker claims and
+scores a message's jobs as batches of similar lengths.
 """
 
 from __future__ import annotations
@@ -25,12 +11,11 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
-from .broker import default_job_time_limit
 from .errors import JobNotFound, JobTimeout, SpecError
 from .jobs import JobHandle
 from .results import ProbeResult, read_result
@@ -42,50 +27,7 @@ if TYPE_CHECKING:
 
     from .client import Client
 
-#: Most jobs per broker message when submitting many (``Client(chunk_size=...)``).
-DEFAULT_CHUNK_SIZE = 64
-
 _MAX_POLL_INTERVAL = 0.5
-
-
-def chunk_messages(
-    rows: Sequence[Mapping[str, Any]], chunk_size: int
-) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """``(queue, [{"id", "spec", "time_limit"}, ...])`` per message, from job rows'
-    column values: same queue and model, ordered by input length (:func:`input_length`)
-    so that a message holds texts of similar length and the worker's padded batches
-    waste little. A job without a time limit of its own gets the default
-    (:func:`~api_client.broker.default_job_time_limit`)."""
-    if chunk_size < 1:
-        raise SpecError(f"chunk_size must be at least 1, got {chunk_size}")
-    default_limit = default_job_time_limit()
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["queue"], row["model"]), []).append(
-            {"id": row["id"], "spec": row["spec"],
-             "time_limit": row.get("time_limit") or default_limit})
-    for (queue, _model), items in groups.items():
-        if len(items) > chunk_size:
-            items.sort(key=lambda item: input_length(item["spec"]))
-        for start in range(0, len(items), chunk_size):
-            yield queue, items[start : start + chunk_size]
-
-
-def input_length(spec: ScoreSpec | GenerateSpec | Mapping[str, Any]) -> tuple[int, int]:
-    """How long a job's input is, to sort jobs by: ``(0, token ids)`` where the spec
-    gives ids, ``(1, characters)`` of its text or prompt, ``(2, 0)`` otherwise
-    (embeddings, chat messages). Ids and characters are not compared with each other.
-    ``spec``: a spec object, or its JSON dict (jobs read back from SQL)."""
-    def field(name: str) -> Any:
-        return spec.get(name) if isinstance(spec, Mapping) else getattr(spec, name, None)
-
-    token_ids = field("token_ids")
-    if token_ids:
-        return 0, len(token_ids)
-    text = field("text") or field("prompt")
-    if isinstance(text, str):
-        return 1, len(text)
-    return 2, 0
 
 
 def sweep_specs(

@@ -221,7 +221,6 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     import torch
 
     from api_client.specs import ScoreSpec
-    from api_client.sweeps import DEFAULT_CHUNK_SIZE
     from bench.throughput import (
         bare_batched_forward,
         notebook_loop,
@@ -267,12 +266,14 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
         scored[notebook_name] = sum(len(ids) - 1 for ids in notebook_ids)
     if first:
         # The bare forward on the batches a worker runs when the texts come N a
-        # message: what smaller batches cost the GPU, apart from the queue's cost.
+        # message (each message planned alone): what its batches cost the GPU, apart
+        # from the queue's cost (at 64 texts a batch at most, paragraphs make the
+        # same batches at every size from 64 up).
         budget = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[torch.device(device).type])
-        for chunk_size in args.chunk_size or [DEFAULT_CHUNK_SIZE]:
+        for chunk_size in args.chunk_size or [None]:
             batches = message_batches(lengths, chunk_size, budget)
-            methods[f"bare batched forward on the batches of {chunk_size} jobs a message "
-                    f"({len(batches)} batches, against {len(plan)})"] = (
+            methods[f"bare batched forward on the batches of {chunk_label(chunk_size)} "
+                    f"jobs a message ({len(batches)} batches, against {len(plan)})"] = (
                 lambda batches=batches: bare_batched_forward(model, id_lists, batches, 2,
                                                              device))
         # The worker's scoring (outputs built, nothing stored) on this process's model:
@@ -287,7 +288,8 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     ends = []  # one end-to-end method per --chunk-size
     for chunk_size in args.chunk_size or [None]:
         ends.append(f"logprobe end to end ({len(worker_pids)} worker(s), {variant}"
-                    + (f", {chunk_size} jobs a message" if chunk_size else "")
+                    + (f", {chunk_label(chunk_size)} jobs a message" if args.chunk_size
+                       else "")
                     + ", rows committed)")
         methods[ends[-1]] = lambda chunk_size=chunk_size: end_to_end(chunk_size)
     # Warm-up: kernels, allocator, the workers' first batch (the notebook loop on a few
@@ -311,7 +313,7 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     # Rates, not seconds: the notebook loop may have scored fewer texts.
     rate = {name: scored.get(name, n_scored) / seconds for name, seconds in med.items()}
     bare, ours = rate[next(iter(rate))], max(rate[name] for name in ends)
-    chunk_of = {name: f" ({size} a message)"
+    chunk_of = {name: f" ({chunk_label(size)} a message)"
                 for name, size in zip(ends, args.chunk_size or [], strict=False)}
     notebook_rate = rate.get(notebook_name)
     print(f"\nscoring {len(id_lists)} texts ({what}), {n_scored} scored tokens, {dtype} on "
@@ -334,14 +336,28 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
           flush=True)
 
 
-def message_batches(lengths: list[int], chunk_size: int, budget: object) -> list[list[int]]:
-    """The worker's batches (indices into ``lengths``) when the client sends these
-    texts ``chunk_size`` to a message: sorted by length and cut into messages (as
-    ``api_client.sweeps.chunk_messages`` does), each message planned on its own."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def chunk_size_arg(value: str) -> int | None:
+    """``--chunk-size``: a number of jobs a message, or 'default' (None: the client's)."""
+    return None if value == "default" else int(value)
+
+
+def chunk_label(chunk_size: int | None) -> str:
+    return "the client's default number of" if chunk_size is None else str(chunk_size)
+
+
+def message_batches(lengths: list[int], chunk_size: int | None,
+                    budget: object) -> list[list[int]]:
+    """The worker's batches (indices into ``lengths``) when the client sends texts of
+    these token lengths ``chunk_size`` to a message (None: the client's default): cut
+    into messages by ``api_client.messages.chunk_messages``, each planned on its own."""
+    from api_client.messages import chunk_messages
+
+    rows = [{"id": str(i), "queue": "q", "model": "m",
+             "spec": {"kind": "score", "model": "m", "token_ids": [0] * n}}
+            for i, n in enumerate(lengths)]
     batches = []
-    for start in range(0, len(order), chunk_size):
-        message = order[start : start + chunk_size]
+    for _, items in chunk_messages(rows, chunk_size):
+        message = [int(item["id"]) for item in items]
         batches += [[message[i] for i in batch]
                     for batch in budget.plan([lengths[i] for i in message])]  # type: ignore[attr-defined]
     return batches
@@ -467,11 +483,10 @@ def main() -> int:
                         help="then the same comparison on this many texts of --long-length "
                              "tokens (0: skip)")
     parser.add_argument("--long-length", type=int, default=512)
-    parser.add_argument("--chunk-size", type=int, nargs="+", default=None,
-                        help="jobs per broker message in the end-to-end sweeps (default: the "
-                             "client's, 64); several: one end-to-end method each, interleaved; "
-                             "a message of several batches lets the worker store one batch "
-                             "while it computes the next")
+    parser.add_argument("--chunk-size", type=chunk_size_arg, nargs="+", default=None,
+                        help="jobs per broker message in the end-to-end sweeps, or 'default' "
+                             "(the client's: api_client/messages.py; the default); several: "
+                             "one end-to-end method each, interleaved")
     parser.add_argument("--worker-args", action="append", metavar="ARGS",
                         help="extra `logprobe worker` arguments of one worker configuration "
                              "to compare, e.g. '--concurrency 2' (repeat for several; "

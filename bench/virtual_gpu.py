@@ -57,10 +57,15 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.gpu_check import chunk_label, chunk_size_arg  # noqa: E402  (after the path)
+
 #: Seconds of virtual device time per padded token (set by the driver).
 ENV_SECONDS_PER_TOKEN = "LOGPROBE_VIRTUAL_GPU_SECONDS_PER_TOKEN"
 #: Seconds of Python (GIL held) added to queuing each batch (set by the driver).
 ENV_LAUNCH_PYTHON = "LOGPROBE_VIRTUAL_GPU_LAUNCH_PYTHON"
+#: "1": queuing a batch first waits for the device to finish all work queued before
+#: (transformers 5.x's host-side check of the position ids; set by the driver).
+ENV_SYNC_ON_LAUNCH = "LOGPROBE_VIRTUAL_GPU_SYNC_ON_LAUNCH"
 #: Where the worker appends a line per batch: start and end (monotonic), padded tokens.
 ENV_DEVICE_LOG = "LOGPROBE_VIRTUAL_GPU_LOG"
 
@@ -75,14 +80,22 @@ class VirtualDevice:
         self._lock = threading.Lock()
         self._free_at = 0.0
 
-    def queue(self, queued_at: float, padded_tokens: int) -> float:
-        """The virtual end of a batch of ``padded_tokens`` queued at ``queued_at``."""
+    def queue(self, queued_at: float, padded_tokens: int, queued_until: float = 0.0) -> float:
+        """The virtual end of a batch of ``padded_tokens`` whose work was queued from
+        ``queued_at`` to ``queued_until`` (it cannot end before its last kernel is
+        queued)."""
         with self._lock:
             start = max(queued_at, self._free_at)
-            self._free_at = start + padded_tokens * self.seconds_per_token
+            self._free_at = max(start + padded_tokens * self.seconds_per_token,
+                                queued_until)
             if self.log:
                 with open(self.log, "a") as log:
                     log.write(f"{start:.6f} {self._free_at:.6f} {padded_tokens}\n")
+            return self._free_at
+
+    @property
+    def free_at(self) -> float:
+        with self._lock:
             return self._free_at
 
 
@@ -107,16 +120,20 @@ def install_virtual_device(**_: Any) -> None:
     device = VirtualDevice(float(os.environ[ENV_SECONDS_PER_TOKEN]),
                            os.environ.get(ENV_DEVICE_LOG))
     launch_python = float(os.environ.get(ENV_LAUNCH_PYTHON, "0"))
+    sync_on_launch = os.environ.get(ENV_SYNC_ON_LAUNCH) == "1"
     launch = hf_score.launch_token_logprobs
     score_batch = hf_score.score_batch
 
     def launch_on_device(lm: Any, batch: Any, top_k: Any, **options: Any) -> Any:
+        if sync_on_launch:  # waits (GIL released) for all work queued before
+            time.sleep(max(0.0, device.free_at - time.monotonic()))
         queued_at = time.monotonic()  # a GPU starts on the first kernel queued
         launched = launch(lm, batch, top_k, **options)
         python_until = time.perf_counter() + launch_python
         while time.perf_counter() < python_until:  # Python's work queuing a real model
             pass
-        ends_at = device.queue(queued_at, len(batch) * max(map(len, batch)))
+        ends_at = device.queue(queued_at, len(batch) * max(map(len, batch)),
+                               time.monotonic())
         wait = launched.pending.wait
 
         def wait_for_device() -> Any:
@@ -159,13 +176,18 @@ def main() -> int:
                              "model's module calls and kernel launches (the nano model's "
                              "own are a few ms; Llama-2-7B's were ~34 ms a batch on the "
                              "H100 machine)")
-    parser.add_argument("--chunk-size", type=int, action="append",
-                        help="jobs per message (repeat; default 64 and 256)")
+    parser.add_argument("--sync-on-launch", action="store_true",
+                        help="queuing a batch first waits for the device to finish the "
+                             "work queued before, as transformers 5.x's check of its "
+                             "position ids for packed sequences makes it wait on a GPU")
+    parser.add_argument("--chunk-size", type=chunk_size_arg, action="append",
+                        help="jobs per message, or 'default' (the client's) (repeat; "
+                             "default: 'default', 64 and 256)")
     parser.add_argument("--worker-args", action="append", metavar="ARGS",
                         help="a worker configuration (repeat; default: the defaults, "
                              "and --pool threads --concurrency 2)")
     args = parser.parse_args()
-    chunk_sizes = args.chunk_size or [64, 256]
+    chunk_sizes = args.chunk_size or [None, 64, 256]
     configurations = args.worker_args or ["", "--pool threads --concurrency 2"]
 
     from api_client import Client
@@ -193,6 +215,7 @@ def main() -> int:
     padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in plan)
     env[ENV_SECONDS_PER_TOKEN] = repr(args.device_seconds / padded)
     env[ENV_LAUNCH_PYTHON] = repr(args.launch_ms / 1000)
+    env[ENV_SYNC_ON_LAUNCH] = "1" if args.sync_on_launch else "0"
     rng = random.Random(1)
     vocab = SHAPES["nano"]["vocab_size"]
     id_lists = [[1, *(rng.randrange(3, vocab) for _ in range(n - 1))] for n in lengths]
@@ -217,7 +240,7 @@ def main() -> int:
                     start_new_session=True)
                 try:
                     for chunk_size in chunk_sizes:
-                        def round_trip(chunk_size: int = chunk_size,
+                        def round_trip(chunk_size: int | None = chunk_size,
                                        queue: str = queue,
                                        device_log: Path = device_log) -> tuple[float, str]:
                             sweep_id = uuid.uuid4().hex
@@ -242,11 +265,13 @@ def main() -> int:
                             times.append(seconds)
                             timelines.append(timeline)
                         median = statistics.median(times)
-                        rows.append((worker_args or "(defaults)", chunk_size, median,
+                        rows.append((worker_args or "(defaults)", chunk_size or "default",
+                                     median,
                                      args.device_seconds / median, times))
                         rounds = [f"{t:.2f} s: {line}"
                                   for t, line in zip(times, timelines, strict=True)]
-                        print(f"`{worker_args or '(defaults)'}`, {chunk_size} jobs per "
+                        print(f"`{worker_args or '(defaults)'}`, {chunk_label(chunk_size)} "
+                              "jobs per "
                               f"message: median {median:.2f} s = "
                               f"{args.device_seconds / median:.2f}x the virtual bare forward; "
                               "rounds:\n  " + "\n  ".join(rounds), flush=True)

@@ -25,11 +25,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api_client import JobNotFound, JobStatus, SpecError
 from api_client.database import make_engine, make_sessionmaker
+from api_client.messages import chunk_messages
 from api_client.results import Alternative, SequenceResult, TokenLogprob
 from api_client.schema import Job, Token, TopLogprob
 from api_client.schema import Sequence as SequenceRow
-from api_client.specs import ScoreSpec
-from api_client.sweeps import chunk_messages, sweep_specs
+from api_client.specs import GenerateSpec, ScoreSpec
+from api_client.sweeps import sweep_specs
 from tests.conftest import make_database
 from tests.helpers import WorkerProcess, add_jobs
 from worker.__main__ import THREAD_VARIABLES, available_cpus, pool_math_threads
@@ -326,6 +327,60 @@ def test_messages_hold_jobs_of_similar_input_length() -> None:
     # all in one message: submission order kept
     one = [item["id"] for _, items in chunk_messages(rows, 200) for item in items]
     assert one == [row["id"] for row in rows]
+
+
+
+def _score_rows(id_lengths: list[int], **spec: object) -> list[dict[str, object]]:
+    return [{"id": str(i), "queue": "q", "model": "m",
+             "spec": ScoreSpec(model="m", token_ids=[5] * n, **spec)}
+            for i, n in enumerate(id_lengths)]
+
+
+def test_default_messages_grow_for_short_score_jobs_only() -> None:
+    def sizes(rows: list[dict[str, object]]) -> list[int]:
+        return [len(items) for _, items in chunk_messages(rows)]
+
+    # Short texts: up to MAX_MESSAGE_JOBS a message (1,000 paragraphs of ~44 tokens).
+    assert sizes(_score_rows([44] * 1000)) == [256, 256, 256, 232]
+    # 100 tokens: closed once MESSAGE_TOKENS are in (164 x 100 >= 16,384 > 163 x 100).
+    assert sizes(_score_rows([100] * 400)) == [164, 164, 72]
+    # Long texts never go below 64 a message; a last message of fewer than 16 joins the
+    # one before (the two halved past 256).
+    assert sizes(_score_rows([512] * 130)) == [64, 66]
+    assert sizes(_score_rows([512] * 144)) == [64, 64, 16]
+    assert sizes(_score_rows([44] * 520)) == [256, 132, 132]
+    # Characters count a token per CHARS_PER_TOKEN: 20-character texts are 5 tokens.
+    texts = [{"id": str(i), "queue": "q", "model": "m",
+              "spec": ScoreSpec(model="m", text="abcd " * 4)} for i in range(300)]
+    assert sizes(texts) == [256, 44]
+    # Not a batched forward pass: 64 a message however short.
+    assert sizes(_score_rows([10] * 130, return_logits=True)) == [64, 64, 2]
+    generations = [{"id": str(i), "queue": "q", "model": "m",
+                    "spec": GenerateSpec(model="m", prompt="a b", max_new_tokens=2)}
+                   for i in range(130)]
+    assert sizes(generations) == [64, 64, 2]
+    openai = [{"id": str(i), "queue": "q", "model": "m",
+               "spec": {"kind": "score", "backend": "openai", "model": "m", "text": "a b"}}
+              for i in range(130)]
+    assert sizes(openai) == [64, 64, 2]
+    # An explicit chunk size is exact, for every kind.
+    assert [len(items) for _, items in chunk_messages(_score_rows([44] * 300), 64)] == [
+        64, 64, 64, 64, 44]
+
+
+def test_default_messages_are_sorted_and_lose_no_job() -> None:
+    rng = random.Random(1)
+    lengths = [rng.randrange(2, 400) for _ in range(900)]
+    rows = _score_rows(lengths)
+    messages = [items for _, items in chunk_messages(rows)]
+    sent = [item["id"] for items in messages for item in items]
+    assert sorted(sent, key=int) == [row["id"] for row in rows]
+    assert [lengths[int(i)] for i in sent] == sorted(lengths)
+    assert all(16 <= len(items) <= 256 for items in messages)
+    for items in messages[:-1]:
+        tokens = sum(lengths[int(item["id"])] for item in items)
+        assert len(items) == 256 or tokens >= 16_384
+        assert len(items) == 64 or tokens - lengths[int(items[-1]["id"])] < 16_384
 
 
 # --- result reuse -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from celery.worker.request import Request
 
 from api_client.broker import message_limits
 from api_client.constants import TASK_RUN_PROBES
-from api_client.sweeps import chunk_messages
+from api_client.messages import chunk_messages
 
 from .db_retry import DatabaseUnavailable
 from .runner import TaskProcess, fail_unfinished, run_jobs

@@ -96,10 +96,20 @@ def build_model(path: Path, shape: str, dtype: str) -> Path:
 
 
 def start_workers(gpus: list[int | None], queue: str, env: dict[str, str],
-                  log_dir: Path, extra: list[str], name: str) -> list[subprocess.Popen]:
+                  log_dir: Path, extra: list[str], name: str,
+                  timeline: Path | None = None) -> list[subprocess.Popen]:
+    """One ``logprobe worker --backend hf`` per GPU (``None``: the CPU); with
+    ``timeline``, each started through ``bench/gpu_timeline.py``, which appends its
+    batches' GPU timeline there."""
     workers = []
+    if timeline is not None:
+        from bench.gpu_timeline import ENV_TIMELINE
+
+        env = {**env, ENV_TIMELINE: str(timeline)}
+    start = ([str(REPO_ROOT / "bench" / "gpu_timeline.py"), "--worker"] if timeline
+             else ["-m", "api_client.cli", "worker"])
     for gpu in gpus:
-        args = [sys.executable, "-m", "api_client.cli", "worker", "--backend", "hf",
+        args = [sys.executable, *start, "--backend", "hf",
                 "--queues", queue, "--loglevel", "info", *extra]
         if gpu is not None:
             args += ["--gpu", str(gpu)]
@@ -303,17 +313,20 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
         end_to_end(chunk_size)
     timelines.clear()
     times: dict[str, list[float]] = {name: [] for name in methods}
+    windows: dict[str, list[tuple[float, float]]] = {name: [] for name in ends}
     with profiled(worker_pids, profile):
         for _ in range(args.ratio_rounds):
             for name, fn in methods.items():
-                started = time.perf_counter()
+                started, began = time.perf_counter(), time.monotonic()
                 fn()
                 times[name].append(time.perf_counter() - started)
+                if name in windows:
+                    windows[name].append((began, time.monotonic()))
     med = {name: statistics.median(t) for name, t in times.items()}
     # Rates, not seconds: the notebook loop may have scored fewer texts.
     rate = {name: scored.get(name, n_scored) / seconds for name, seconds in med.items()}
     bare, ours = rate[next(iter(rate))], max(rate[name] for name in ends)
-    chunk_of = {name: f" ({chunk_label(size)} a message)"
+    chunk_of = {name: f" ({chunk_label(size)} jobs a message)"
                 for name, size in zip(ends, args.chunk_size or [], strict=False)}
     notebook_rate = rate.get(notebook_name)
     print(f"\nscoring {len(id_lists)} texts ({what}), {n_scored} scored tokens, {dtype} on "
@@ -334,6 +347,25 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
               for name, ts in times.items()), flush=True)
     print("end-to-end rounds, from the job rows' own timestamps:\n  " + "\n  ".join(timelines),
           flush=True)
+    if (path := timeline_path(args, variant)) is not None:
+        from bench.gpu_timeline import read, summarize
+
+        time.sleep(1.0)  # the workers write a batch once its events completed
+        batches = read(path) if path.exists() else []
+        print("the workers' GPU timeline in each end-to-end round (bench/gpu_timeline.py):",
+              flush=True)
+        for name, rounds in windows.items():
+            for window in rounds:
+                print(f"  {name.split(' (')[0]}{chunk_of.get(name, '')}: "
+                      f"{summarize(batches, window)}", flush=True)
+
+
+def timeline_path(args: argparse.Namespace, variant: str) -> Path | None:
+    """Where the workers of configuration ``variant`` write their GPU timeline
+    (``--timeline``), or None."""
+    if not args.timeline:
+        return None
+    return Path(args.timeline_dir) / f"timeline-{variant}.log"
 
 
 def chunk_size_arg(value: str) -> int | None:
@@ -501,6 +533,9 @@ def main() -> int:
     parser.add_argument("--profile-worker", type=Path, metavar="PATH",
                         help="py-spy the workers during generation and the timed comparison "
                              "rounds (collapsed stacks to PATH-<phase>.<pid>; needs py-spy)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="start the workers through bench/gpu_timeline.py and print "
+                             "where their GPU idled in each end-to-end round")
     args = parser.parse_args()
 
     n_gpus = gpu_count()
@@ -511,6 +546,7 @@ def main() -> int:
     dtype = args.dtype or ("float16" if n_gpus else "float32")
     gpus: list[int | None] = list(range(n_gpus)) or [None]
     work = Path(tempfile.mkdtemp(prefix="logprobe-gpu-check-"))
+    args.timeline_dir = work
     env = dict(os.environ)
     env.setdefault("LOGPROBE_HOME", str(work / "home"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -548,7 +584,8 @@ def main() -> int:
                 # go back to its queue, not to the next configuration's.
                 client.queue = f"{queue}-{number}"
                 workers = start_workers(gpus, client.queue, env, work,
-                                        shlex.split(variant_args), variant)
+                                        shlex.split(variant_args), variant,
+                                        timeline_path(args, variant))
                 try:
                     # Warm up: every pool process loads the model once (not timed).
                     started = time.monotonic()

@@ -86,6 +86,17 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def pool_pids(self) -> set[int]:
+        """The worker's pool processes: its main process's children (Linux ``/proc``)."""
+        assert self.process is not None
+        pids: set[int] = set()
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            try:
+                pids.update(int(pid) for pid in (task / "children").read_text().split())
+            except OSError:  # a thread that just ended
+                continue
+        return pids
+
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return

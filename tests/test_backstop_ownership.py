@@ -171,6 +171,8 @@ def test_the_hard_limit_leaves_other_jobs_and_sends_an_unclaimed_one_again(
             # (the message it is sent again in gets the default allowance to load)
             worker = _worker(queue, redis_url, pg_url, tmp_path, "w",
                              env={"LOGPROBE_MODEL_LOAD_SECONDS": "600"}).start()
+            first_pool = worker.pool_pids()
+            assert len(first_pool) == 1
             with engine.connect() as holder:
                 holder.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"),
                                {"id": y.id})
@@ -184,6 +186,12 @@ def test_the_hard_limit_leaves_other_jobs_and_sends_an_unclaimed_one_again(
                 assert "Hard time limit (8s) exceeded" in worker.log_text()
                 assert (f"1 run elsewhere ({x.id}), 1 to be delivered again ({y.id})"
                         in worker.log_text())
+                # Celery kills the pool process right after the handler: freed before
+                # that, the row would let the doomed process's claim through (a second
+                # attempt, rightly counted). Once it is gone, nothing claimed Y.
+                wait_until(lambda: not first_pool & worker.pool_pids(), 30,
+                           "the timed-out pool process to be gone")
+                assert y.status() is JobStatus.QUEUED
                 holder.rollback()  # free the row: Y's new message claims and runs it
             assert y.wait(timeout=120) is JobStatus.SUCCEEDED
             assert y.info()["attempts"] == 1

@@ -430,8 +430,10 @@ def report_syncs(lm: object, batch: list[list[int]]) -> None:
     sync debug mode warns at each host-device synchronization. The base model runs
     without an attention mask, so transformers does not read one on the host to
     choose a kernel; on an H100 with transformers 5.17 one or two were left, one in
-    its check of the position ids for packed sequences. Each makes queuing batch
-    i + 1 wait for batch i's forward pass to end."""
+    its check of the position ids for packed sequences, which the packed path skips
+    since (``worker/backends/hf_packed_check.py``). Each makes queuing batch i + 1
+    wait for batch i's forward pass to end."""
+    import traceback
     import warnings
 
     import torch
@@ -441,17 +443,27 @@ def report_syncs(lm: object, batch: list[list[int]]) -> None:
     if lm.device.type != "cuda":  # type: ignore[attr-defined]
         return
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    stacks: list[str] = []  # where each wait came from: the Python frames above it
+
+    def note(message: object, category: object, filename: str, lineno: int,
+             file: object = None, line: object = None) -> None:
+        frames = [frame for frame in traceback.extract_stack()[:-1]
+                  if not frame.filename.endswith("warnings.py")][-6:]
+        stacks.append(" <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                                  for f in reversed(frames)))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = note
         torch.cuda.set_sync_debug_mode("warn")
         try:
             launched = launch_token_logprobs(lm, batch, [0] * len(batch))  # type: ignore[arg-type]
         finally:
             torch.cuda.set_sync_debug_mode("default")
     launched.result()
-    places = sorted({f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}" for w in caught})
     print(f"queuing one batch of {len(batch)} texts synchronized with the GPU "
-          f"{len(caught)} time(s): {', '.join(places) or '-'}", flush=True)
+          f"{len(stacks)} time(s)" + "".join(f"\n  at {stack}" for stack in stacks),
+          flush=True)
 
 
 def sweep_timeline(client: object, sweep_id: str, submitted: float, sent: float,

@@ -179,7 +179,8 @@ def main() -> int:
     parser.add_argument("--sync-on-launch", action="store_true",
                         help="queuing a batch first waits for the device to finish the "
                              "work queued before, as transformers 5.x's check of its "
-                             "position ids for packed sequences makes it wait on a GPU")
+                             "position ids for packed sequences made it wait on a GPU, before "
+                             "the packed path skipped it, and an unidentified wait may")
     parser.add_argument("--chunk-size", type=chunk_size_arg, action="append",
                         help="jobs per message, or 'default' (the client's) (repeat; "
                              "default: 'default', 64 and 256)")

@@ -4,6 +4,7 @@ top-k, on the tiny GPT-2 and LLaMA, against a plain forward pass per text alone.
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -144,6 +145,49 @@ def test_packed_head_runs_the_base_model_without_a_mask(model_path: str) -> None
     assert not torch.equal(hidden, masked)  # padded positions differ, and are never read
     for row, ids in enumerate(batch):
         assert torch.equal(hidden[row, :len(ids)], masked[row, :len(ids)])
+
+
+def test_packed_head_skips_the_packed_sequence_check_and_only_it(
+        model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' check of its position ids for packed sequences (a host-side read,
+    a GPU wait) does not run in the packed-head path, whose rows are one text each;
+    it still runs for every other call, and in other threads meanwhile."""
+    from transformers import masking_utils
+
+    from worker.backends import hf_packed_check
+
+    lm = loaded(model_path)
+    batch = [lm.tokenizer(text).input_ids for text in TEXTS]
+    launch_token_logprobs(lm, batch, [0] * len(batch)).result()  # installs the switch
+    checked: list[torch.Tensor] = []
+    original = hf_packed_check._original
+    assert original is not None
+
+    def spy(position_ids: torch.Tensor) -> torch.Tensor | None:
+        checked.append(position_ids)
+        return original(position_ids)
+
+    monkeypatch.setattr(hf_packed_check, "_original", spy)
+    scored = launch_token_logprobs(lm, batch, [0] * len(batch)).result()
+    assert checked == []
+    # The same math as with the check: each text alone (the masked reference above).
+    for ids, text in zip(batch, scored, strict=True):
+        want = alone(lm, ids).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(text.token_logprobs), want, atol=TOL, rtol=0)
+    with torch.inference_mode():
+        lm.model(torch.tensor([batch[0]]), use_cache=False)  # any other such call: checked
+    assert len(checked) == 1
+    # Two sequences packed in one row: found outside the switch, in any thread.
+    packed = torch.tensor([[0, 1, 2, 0, 1]])
+    with hf_packed_check.without_packed_check():
+        assert masking_utils.find_packed_sequence_indices(packed) is None
+        seen: list[object] = []
+        thread = threading.Thread(
+            target=lambda: seen.append(masking_utils.find_packed_sequence_indices(packed)))
+        thread.start()
+        thread.join()
+    assert seen[0].tolist() == [[0, 0, 0, 1, 1]]  # type: ignore[attr-defined]
+    assert masking_utils.find_packed_sequence_indices(packed).tolist() == [[0, 0, 0, 1, 1]]
 
 
 @pytest.mark.parametrize("tile", [7, 64], ids=["tiles", "one-tile"])

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .hf_models import LoadedModel
+from .hf_packed_check import without_packed_check
 from .hf_prefix_rows import PrefixRows, distinct_prefix_rows
 
 #: Packed rows per chunk of output layer + log-softmax, by device type. A GPU wants
@@ -199,9 +200,10 @@ def head_only_logits(lm: LoadedModel, batch: Sequence[Sequence[int]], input_ids:
     0 whatever the mask. Without one, transformers neither builds a [batch, 1,
     length, length] mask nor reads it on the host to choose an attention kernel (on
     a GPU, a wait for all the work queued before), and SDPA runs its causal kernel
-    (flash attention on a GPU). (transformers 5.x still waits once, checking the
-    position ids it made for packed sequences: batch i + 1 is queued when batch i's
-    forward pass ends, and batch i is collected while it computes.) The scored positions'
+    (flash attention on a GPU). Nor does transformers 5.x check the position ids it
+    made for packed sequences, another wait (:mod:`.hf_packed_check`), so that batch
+    i + 1 can be queued while batch i computes (not yet measured on a GPU). The
+    scored positions'
     hidden states equal the masked call's (bit for bit on a CPU;
     ``tests/test_batch_logprobs.py``).
 
@@ -210,9 +212,10 @@ def head_only_logits(lm: LoadedModel, batch: Sequence[Sequence[int]], input_ids:
     (fresh vocabulary-sized tensors cost page faults on a CPU). Any other head runs
     once per chunk, on the whole vocabulary.
     """
-    hidden = lm.model.base_model(
-        input_ids=input_ids, attention_mask=None, use_cache=False
-    ).last_hidden_state
+    with without_packed_check():  # ids only: one sequence a row, no GPU wait
+        hidden = lm.model.base_model(
+            input_ids=input_ids, attention_mask=None, use_cache=False
+        ).last_hidden_state
     head = lm.model.get_output_embeddings()
     packed = hidden.flatten(0, 1).index_select(0, to_device(positions, hidden.device))
     packed = packed.to(head_device(head))

@@ -203,8 +203,7 @@ def head_only_logits(lm: LoadedModel, batch: Sequence[Sequence[int]], input_ids:
     (flash attention on a GPU). Nor does transformers 5.x check the position ids it
     made for packed sequences, another wait (:mod:`.hf_packed_check`), so that batch
     i + 1 can be queued while batch i computes (not yet measured on a GPU). The
-    scored positions'
-    hidden states equal the masked call's (bit for bit on a CPU;
+    scored positions' hidden states equal the masked call's (bit for bit on a CPU;
     ``tests/test_batch_logprobs.py``).
 
     A plain ``nn.Linear`` head computes ``rows @ weight[tile].T`` ``vocabulary_tile``

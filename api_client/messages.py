@@ -17,9 +17,9 @@ stored, the acknowledgement, the next message delivered, its jobs claimed and pa
 
 - ``chunk_size=N`` (on the client or per call): N jobs a message, the last fewer;
 - by default, :data:`DEFAULT_CHUNK_SIZE` (64) jobs a message, except Hugging Face
-  score jobs (no logits artifact), whose messages hold at least 64 and, for short
-  inputs, grow to about :data:`MESSAGE_TOKENS` input tokens, at most
-  :data:`MAX_MESSAGE_JOBS`: 64 paragraphs of ~44 tokens are one batch, and on an
+  score jobs (text or token ids, no logits artifact), whose messages hold at least
+  64 and, for short inputs, grow to about :data:`MESSAGE_TOKENS` input tokens, at
+  most :data:`MAX_MESSAGE_JOBS`: 64 paragraphs of ~44 tokens are one batch, and on an
   H100 the 2,048 of them scored at 0.58x the bare forward pass end to end at 64 a
   message against 0.77-0.78x at 256 (one pool process; docs/throughput.md, "On a
   GPU, after the changes"). Texts of 256 tokens or more stay at 64, generation and
@@ -111,15 +111,16 @@ def _field(spec: AnySpecOrJSON, name: str) -> Any:
 
 def grows_with_short_inputs(spec: AnySpecOrJSON) -> bool:
     """Whether a default message of such jobs grows past :data:`DEFAULT_CHUNK_SIZE`:
-    a Hugging Face score job with no logits artifact (a batched forward pass)."""
+    the jobs the Hugging Face worker scores in batches (``HFBackend.run``): score
+    jobs of text or token ids with no logits artifact."""
     return (_field(spec, "kind") == "score" and (_field(spec, "backend") or "hf") == "hf"
-            and not _field(spec, "return_logits"))
+            and not _field(spec, "return_logits") and _field(spec, "embedding") is None)
 
 
 def estimated_tokens(spec: AnySpecOrJSON) -> int:
     """A job's input tokens: its token ids, or its text's characters over
-    :data:`CHARS_PER_TOKEN`; an input the client cannot measure (an embedding) counts
-    as a full share of a default message, which keeps such messages at 64 jobs."""
+    :data:`CHARS_PER_TOKEN` (an input of neither counts as a full share of a default
+    message)."""
     kind, length = input_length(spec)
     if kind == 0:
         return length

@@ -355,6 +355,11 @@ def test_default_messages_grow_for_short_score_jobs_only() -> None:
     assert sizes(texts) == [256, 44]
     # Not a batched forward pass: 64 a message however short.
     assert sizes(_score_rows([10] * 130, return_logits=True)) == [64, 64, 2]
+    embeddings = [{"id": str(i), "queue": "q", "model": "m",
+                   "spec": {"kind": "score", "model": "m", "text": "a b",
+                            "embedding": {"kind": "noise", "text": "a b", "scale": 0.1}}}
+                  for i in range(130)]
+    assert sizes(embeddings) == [64, 64, 2]
     generations = [{"id": str(i), "queue": "q", "model": "m",
                     "spec": GenerateSpec(model="m", prompt="a b", max_new_tokens=2)}
                    for i in range(130)]

@@ -117,8 +117,10 @@ class Recorder:
         began = time.monotonic()
         first = self.event()
         self._first_layer.waiting, self._first_layer.event = True, None
-        launched = launch(lm, batch, *args, **kwargs)
-        self._first_layer.waiting = False
+        try:
+            launched = launch(lm, batch, *args, **kwargs)
+        finally:
+            self._first_layer.waiting = False
         last = self.event()
         layer = self._first_layer.event or first
         with self._lock:

@@ -119,6 +119,19 @@ def start_workers(gpus: list[int | None], queue: str, env: dict[str, str],
     return workers
 
 
+def run_patched_worker(argv: list[str], install: object) -> None:
+    """``logprobe worker ARGV`` in this process, ``install(**signal_kwargs)`` connected
+    to Celery's ``worker_init`` (before the pool starts): how ``virtual_gpu.py`` and
+    ``gpu_timeline.py`` patch the worker they run."""
+    from celery.signals import worker_init
+
+    from worker.__main__ import main as worker_main
+
+    worker_init.connect(install, weak=False)
+    sys.argv = ["logprobe-worker", *argv]
+    worker_main()
+
+
 def stop_workers(workers: list[subprocess.Popen]) -> None:
     import signal
 

@@ -169,16 +169,6 @@ def install_timeline(**_: Any) -> None:
     hf_score.launch_token_logprobs = recorded_launch  # type: ignore[assignment]
 
 
-def run_worker(argv: list[str]) -> None:
-    from celery.signals import worker_init
-
-    from worker.__main__ import main as worker_main
-
-    worker_init.connect(install_timeline, weak=False)
-    sys.argv = ["logprobe-worker", *argv]
-    worker_main()
-
-
 def read(path: Path) -> list[Batch]:
     return [Batch.parse(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -213,7 +203,9 @@ def summarize(batches: Iterable[Batch], window: tuple[float, float]) -> str:
 
 
 if __name__ == "__main__":
+    from bench.gpu_check import run_patched_worker
+
     if sys.argv[1:2] == ["--worker"]:
-        run_worker(sys.argv[2:])
+        run_patched_worker(sys.argv[2:], install_timeline)
     else:
         print(__doc__)

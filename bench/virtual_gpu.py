@@ -57,7 +57,11 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.gpu_check import chunk_label, chunk_size_arg  # noqa: E402  (after the path)
+from bench.gpu_check import (  # noqa: E402  (after the path)
+    chunk_label,
+    chunk_size_arg,
+    run_patched_worker,
+)
 
 #: Seconds of virtual device time per padded token (set by the driver).
 ENV_SECONDS_PER_TOKEN = "LOGPROBE_VIRTUAL_GPU_SECONDS_PER_TOKEN"
@@ -152,19 +156,9 @@ def install_virtual_device(**_: Any) -> None:
     hf.score_batch = score_batch_with_lookahead  # type: ignore[assignment]
 
 
-def run_worker(argv: list[str]) -> None:
-    from celery.signals import worker_init
-
-    from worker.__main__ import main as worker_main
-
-    worker_init.connect(install_virtual_device, weak=False)
-    sys.argv = ["logprobe-worker", *argv]
-    worker_main()
-
-
 def main() -> int:
     if sys.argv[1:2] == ["--worker"]:
-        run_worker(sys.argv[2:])
+        run_patched_worker(sys.argv[2:], install_virtual_device)
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--texts", type=int, default=512)

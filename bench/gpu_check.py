@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,17 @@ def run_patched_worker(argv: list[str], install: object) -> None:
     worker_init.connect(install, weak=False)
     sys.argv = ["logprobe-worker", *argv]
     worker_main()
+
+
+def worker_configuration(text: str) -> tuple[dict[str, str], list[str]]:
+    """A ``--worker-args`` value: its leading ``NAME=value`` words (the workers'
+    environment) and the ``logprobe worker`` arguments after them."""
+    words = shlex.split(text)
+    settings: dict[str, str] = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, _, value = words.pop(0).partition("=")
+        settings[name] = value
+    return settings, words
 
 
 def stop_workers(workers: list[subprocess.Popen]) -> None:
@@ -287,7 +299,7 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
             notebook_name = notebook_name[:-1] + f", first {len(notebook_ids)} texts)"
         methods[notebook_name] = lambda: notebook_loop(model, notebook_ids, device)
         scored[notebook_name] = sum(len(ids) - 1 for ids in notebook_ids)
-    if first:
+    if first and not args.skip_in_process:
         # The bare forward on the batches a worker runs when the texts come N a
         # message (each message planned alone): what its batches cost the GPU, apart
         # from the queue's cost (at 64 texts a batch at most, paragraphs make the
@@ -320,7 +332,7 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     bare_batched_forward(model, id_lists, plan, 2, device)
     if notebook:
         notebook_loop(model, id_lists[:16], device)
-    if first:
+    if first and not args.skip_in_process:
         in_process_scoring(lm, specs, lookahead=True)  # and pinned host memory
     for chunk_size in args.chunk_size or [None]:
         end_to_end(chunk_size)
@@ -546,15 +558,21 @@ def main() -> int:
                              "one end-to-end method each, interleaved")
     parser.add_argument("--worker-args", action="append", metavar="ARGS",
                         help="extra `logprobe worker` arguments of one worker configuration "
-                             "to compare, e.g. '--concurrency 2' (repeat for several; "
-                             "default: one configuration, the defaults). Generation and the "
-                             "notebook loop run with the first only")
+                             "to compare, e.g. '--concurrency 2', after any NAME=value "
+                             "settings of the workers' environment, e.g. "
+                             "'LOGPROBE_LOOKAHEAD_BATCHES=2 --pool threads' (repeat for "
+                             "several; default: one configuration, the defaults). Generation "
+                             "and the notebook loop run with the first only")
     parser.add_argument("--notebook-texts", type=int, default=0,
                         help="run the notebook loop on the first N texts only (0: all) and "
                              "compare it by tokens/s")
     parser.add_argument("--skip-notebook", action="store_true",
                         help="leave out the notebook loop (the slowest method: ~40 ms a "
                              "text on an H100), e.g. on a workload sized for the queue")
+    parser.add_argument("--skip-in-process", action="store_true",
+                        help="leave out the first configuration's extra methods: the bare "
+                             "forward on each --chunk-size's batches, the worker's "
+                             "score_batch in this process, and where queuing a batch waits")
     parser.add_argument("--profile-worker", type=Path, metavar="PATH",
                         help="py-spy the workers during generation and the timed comparison "
                              "rounds (collapsed stacks to PATH-<phase>.<pid>; needs py-spy)")
@@ -587,8 +605,6 @@ def main() -> int:
         print(f"{n_gpus} GPU(s): " + ", ".join(torch.cuda.get_device_name(i)
                                                for i in range(n_gpus)), flush=True)
 
-    import shlex
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from api_client import Client
@@ -601,16 +617,16 @@ def main() -> int:
     try:
         with Client(queue=queue) as client:
             for number, variant_args in enumerate(args.worker_args or [""]):
+                settings, worker_args = worker_configuration(variant_args)
                 variant = "-".join(a.strip("-") for a in shlex.split(variant_args)) or "default"
-                command = " ".join(["logprobe worker --backend hf --gpu N",
-                                    *shlex.split(variant_args)])
+                command = " ".join([*(f"{k}={v}" for k, v in settings.items()),
+                                    "logprobe worker --backend hf --gpu N", *worker_args])
                 print(f"\n== workers: `{command}`", flush=True)
                 # A queue per configuration: messages a stopped worker had prefetched
                 # go back to its queue, not to the next configuration's.
                 client.queue = f"{queue}-{number}"
-                workers = start_workers(gpus, client.queue, env, work,
-                                        shlex.split(variant_args), variant,
-                                        timeline_path(args, variant))
+                workers = start_workers(gpus, client.queue, {**env, **settings}, work,
+                                        worker_args, variant, timeline_path(args, variant))
                 try:
                     # Warm up: every pool process loads the model once (not timed).
                     started = time.monotonic()

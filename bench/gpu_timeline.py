@@ -49,16 +49,17 @@ class Batch:
     first_layer: float
     gpu_ended: float
     tokens: int
+    message: str = "-"
 
     @classmethod
     def parse(cls, line: str) -> Batch:
-        thread, *numbers, tokens = line.split()
-        return cls(thread, *map(float, numbers), int(tokens))  # type: ignore[arg-type]
+        thread, *numbers, tokens, message = line.split()
+        return cls(thread, *map(float, numbers), int(tokens), message)  # type: ignore[arg-type]
 
     def line(self) -> str:
         return (f"{self.thread} {self.launch_began:.6f} {self.launch_returned:.6f} "
                 f"{self.gpu_began:.6f} {self.first_layer:.6f} {self.gpu_ended:.6f} "
-                f"{self.tokens}\n")
+                f"{self.tokens} {self.message}\n")
 
 
 class _CpuEvent:
@@ -82,7 +83,7 @@ class Recorder:
 
         self.path, self.cuda = path, cuda
         self._lock = threading.Lock()
-        self._pending: list[tuple[str, float, float, Any, Any, Any, int]] = []
+        self._pending: list[tuple[str, float, float, Any, Any, Any, int, str]] = []
         self._first_layer = threading.local()
         if cuda:
             torch.cuda.synchronize()
@@ -114,6 +115,10 @@ class Recorder:
 
     def launch(self, launch: Any, lm: Any, batch: Sequence[Sequence[int]], *args: Any,
                **kwargs: Any) -> Any:
+        from celery import current_task
+
+        message = getattr(current_task, "request", None)
+        message_id = getattr(message, "id", None) or "-"
         began = time.monotonic()
         first = self.event()
         self._first_layer.waiting, self._first_layer.event = True, None
@@ -125,7 +130,8 @@ class Recorder:
         layer = self._first_layer.event or first
         with self._lock:
             self._pending.append((threading.current_thread().name, began, time.monotonic(),
-                                  first, layer, last, len(batch) * max(map(len, batch))))
+                                  first, layer, last, len(batch) * max(map(len, batch)),
+                                  message_id))
         return launched
 
     def _write_finished(self) -> None:
@@ -138,8 +144,9 @@ class Recorder:
                 with open(self.path, "a") as out:
                     out.writelines(
                         Batch(thread.replace(" ", "_"), began, returned, self.at(first),
-                              self.at(layer), self.at(last), tokens).line()
-                        for thread, began, returned, first, layer, last, tokens in done)
+                              self.at(layer), self.at(last), tokens, message).line()
+                        for thread, began, returned, first, layer, last, tokens, message
+                        in done)
 
 
 def install_timeline(**_: Any) -> None:
@@ -174,31 +181,47 @@ def read(path: Path) -> list[Batch]:
 
 
 def summarize(batches: Iterable[Batch], window: tuple[float, float]) -> str:
-    """Where the GPU was idle in ``window`` (the batches that began in it)."""
+    """Where the GPU was idle in ``window`` (the batches that began in it): between
+    batches, at a message's boundary (before a batch of another message than the one
+    before it on the GPU) and inside messages; for each gap inside a message, its ms
+    and the ms its thread spent from its previous launch's return to this launch."""
     inside = sorted((b for b in batches if window[0] <= b.gpu_began <= window[1]),
                     key=lambda b: b.gpu_began)
     if not inside:
         return "no batches"
     busy_until = inside[0].gpu_began
-    busy = between = cpu_late = 0.0
-    gaps = 0
+    busy = between = cpu_late = boundary = 0.0
+    gaps = boundaries = 0
+    within: list[str] = []
+    previous: Batch | None = None
+    returned: dict[str, float] = {}  # thread -> its last launch's return
     for batch in inside:
         if batch.gpu_began > busy_until:  # idle from the last work's end to this batch
             gap = batch.gpu_began - busy_until
             between += gap
             cpu_late += min(gap, max(0.0, batch.launch_began - busy_until))
             gaps += 1
+            if previous is not None and previous.message != batch.message:
+                boundary += gap
+                boundaries += 1
+            elif batch.thread in returned:
+                within.append(f"{1000 * gap:.0f}/"
+                              f"{1000 * (batch.launch_began - returned[batch.thread]):.0f}")
         start = max(batch.gpu_began, busy_until)
         busy += max(0.0, batch.gpu_ended - start)
         busy_until = max(busy_until, batch.gpu_ended)
+        returned[batch.thread] = batch.launch_returned
+        previous = batch
     span = busy_until - inside[0].gpu_began
     to_layer = [b.first_layer - b.gpu_began for b in inside]
     launch = [b.launch_returned - b.launch_began for b in inside]
     return (f"{len(inside)} batches over {span:.3f}s, GPU busy {busy:.3f}s (from each batch's "
             f"first kernel); idle between batches {between:.3f}s "
-            f"in {gaps} gaps ({cpu_late:.3f}s of it before the next launch began); from a "
-            f"batch's first kernel to its first layer {sum(to_layer):.3f}s in all (median "
-            f"{1000 * statistics.median(to_layer):.1f} ms); launches (CPU) median "
+            f"in {gaps} gaps ({cpu_late:.3f}s of it before the next launch began; "
+            f"{boundary:.3f}s in {boundaries} at a message's boundary; inside a message, "
+            f"gap/CPU from the thread's last launch ms: {', '.join(within) or 'none'}); "
+            f"from a batch's first kernel to its first layer {sum(to_layer):.3f}s in all "
+            f"(median {1000 * statistics.median(to_layer):.1f} ms); launches (CPU) median "
             f"{1000 * statistics.median(launch):.1f} ms, {sum(launch):.3f}s in all")
 
 

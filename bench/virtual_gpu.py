@@ -40,9 +40,9 @@ Celery's ``worker_init``, before the pool starts).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -61,6 +61,7 @@ from bench.gpu_check import (  # noqa: E402  (after the path)
     chunk_label,
     chunk_size_arg,
     run_patched_worker,
+    worker_configuration,
 )
 
 #: Seconds of virtual device time per padded token (set by the driver).
@@ -84,17 +85,18 @@ class VirtualDevice:
         self._lock = threading.Lock()
         self._free_at = 0.0
 
-    def queue(self, queued_at: float, padded_tokens: int, queued_until: float = 0.0) -> float:
+    def queue(self, queued_at: float, padded_tokens: int, queued_until: float = 0.0,
+              message: str = "-") -> float:
         """The virtual end of a batch of ``padded_tokens`` whose work was queued from
         ``queued_at`` to ``queued_until`` (it cannot end before its last kernel is
-        queued)."""
+        queued); ``message``: the broker message it belongs to (for the log)."""
         with self._lock:
             start = max(queued_at, self._free_at)
             self._free_at = max(start + padded_tokens * self.seconds_per_token,
                                 queued_until)
             if self.log:
                 with open(self.log, "a") as log:
-                    log.write(f"{start:.6f} {self._free_at:.6f} {padded_tokens}\n")
+                    log.write(f"{start:.6f} {self._free_at:.6f} {padded_tokens} {message}\n")
             return self._free_at
 
     @property
@@ -104,20 +106,30 @@ class VirtualDevice:
 
 
 def device_use(lines: list[str]) -> str:
-    """A round's batches (lines of the device log): padded tokens, busy seconds, and
-    the device's idle time between its first batch's start and last batch's end."""
+    """A round's batches (lines of the device log): padded tokens, busy seconds, the
+    device's idle time between its first batch's start and last batch's end, and each
+    gap of a millisecond or more in order (``*``: before a batch of another message
+    than the batch before)."""
     batches = [line.split() for line in lines]
-    starts = [float(start) for start, _, _ in batches]
-    ends = [float(end) for _, end, _ in batches]
+    starts = [float(fields[0]) for fields in batches]
+    ends = [float(fields[1]) for fields in batches]
     busy = sum(end - start for start, end in zip(starts, ends, strict=True))
-    padded = sum(int(tokens) for _, _, tokens in batches)
+    padded = sum(int(fields[2]) for fields in batches)
+    order = sorted(range(len(batches)), key=starts.__getitem__)
+    gaps = [f"{1000 * (starts[after] - ends[before]):.0f}"
+            + ("*" if batches[after][3:] != batches[before][3:] else "")
+            for before, after in itertools.pairwise(order)
+            if starts[after] - ends[before] >= 0.001]
     return (f"device: {len(batches)} batches, {padded} padded tokens, busy {busy:.3f}s, "
-            f"idle {max(ends) - min(starts) - busy:.3f}s between its first and last batch")
+            f"idle {max(ends) - min(starts) - busy:.3f}s between its first and last batch "
+            f"(gaps in ms, * before another message's batch: {', '.join(gaps) or 'none'})")
 
 
 def install_virtual_device(**_: Any) -> None:
     """Patch the worker's hf scoring: each launched batch also takes its virtual
     device time, which collecting it waits for; lookahead on."""
+    from celery import current_task
+
     import worker.backends.hf as hf
     import worker.backends.hf_score as hf_score
 
@@ -137,7 +149,7 @@ def install_virtual_device(**_: Any) -> None:
         while time.perf_counter() < python_until:  # Python's work queuing a real model
             pass
         ends_at = device.queue(queued_at, len(batch) * max(map(len, batch)),
-                               time.monotonic())
+                               time.monotonic(), current_task.request.id or "-")
         wait = launched.pending.wait
 
         def wait_for_device() -> Any:
@@ -179,8 +191,9 @@ def main() -> int:
                         help="jobs per message, or 'default' (the client's) (repeat; "
                              "default: 'default', 64 and 256)")
     parser.add_argument("--worker-args", action="append", metavar="ARGS",
-                        help="a worker configuration (repeat; default: the defaults, "
-                             "and --pool threads --concurrency 2)")
+                        help="a worker configuration: `logprobe worker` arguments after any "
+                             "NAME=value settings of its environment (repeat; default: the "
+                             "defaults, and --pool threads --concurrency 2)")
     args = parser.parse_args()
     chunk_sizes = args.chunk_size or [None, 64, 256]
     configurations = args.worker_args or ["", "--pool threads --concurrency 2"]
@@ -227,11 +240,11 @@ def main() -> int:
                 device_log = work / f"device-{number}.log"
                 device_log.touch()
                 env[ENV_DEVICE_LOG] = str(device_log)
+                settings, arguments = worker_configuration(worker_args)
                 worker = subprocess.Popen(
                     [sys.executable, str(Path(__file__).resolve()), "--worker", "--backend",
-                     "hf", "--queues", queue, "--loglevel", "info",
-                     *shlex.split(worker_args)],
-                    env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                     "hf", "--queues", queue, "--loglevel", "info", *arguments],
+                    env={**env, **settings}, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True)
                 try:
                     for chunk_size in chunk_sizes:

@@ -13,18 +13,20 @@ on a queue, N jobs spread over all of them only if a message holds at most N / W
 another user's jobs on the same queue wait at most one message per worker. But each
 message costs its worker a fixed time during which a GPU idles: the last batch's rows
 stored, the acknowledgement, the next message delivered, its jobs claimed and parsed
-(about 0.1 s on the H100 machine with one pool process). So:
+(0.13-0.15 s at 256 jobs a message, 0.18-0.20 s at 512, on the H100 machine with one
+pool process: GPU timelines of 2026-11-28). So:
 
 - ``chunk_size=N`` (on the client or per call): N jobs a message, the last fewer;
 - by default, :data:`DEFAULT_CHUNK_SIZE` (64) jobs a message, except Hugging Face
   score jobs (text or token ids, no logits artifact), whose messages hold at least
   64 and, for short inputs, grow to about :data:`MESSAGE_TOKENS` input tokens, at
-  most :data:`MAX_MESSAGE_JOBS`: 64 paragraphs of ~44 tokens are one batch, and on an
-  H100 the 2,048 of them scored at 0.58x the bare forward pass end to end at 64 a
-  message against 0.77-0.78x at 256 (one pool process; docs/throughput.md, "On a
-  GPU, after the changes"). Texts of 256 tokens or more stay at 64, generation and
-  OpenAI jobs too (an OpenAI worker runs a message's requests one after another on
-  one of its threads).
+  most :data:`MAX_MESSAGE_JOBS`. On an H100 (Llama-2-7B shape, at most 64 texts a
+  batch) 2,048 paragraphs of ~44 tokens scored end to end at 0.76x the bare forward
+  pass at 256 a message and 0.80x at 512 with one pool process, 0.82x and 0.84x with
+  ``--pool threads --concurrency 2``, in one run (an earlier run: 0.58x at 64 a
+  message; docs/throughput.md, "On a GPU"). Texts of 512 tokens or more stay at 64,
+  generation and OpenAI jobs too (an OpenAI worker runs a message's requests one
+  after another on one of its threads).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ from .specs import GenerateSpec, ScoreSpec
 
 #: Jobs per broker message by default (``Client(chunk_size=...)`` sets a fixed number).
 DEFAULT_CHUNK_SIZE = 64
-#: Input tokens a default message of Hugging Face score jobs grows to (two CUDA
+#: Input tokens a default message of Hugging Face score jobs grows to (four CUDA
 #: batches' worth): the number of jobs past :data:`DEFAULT_CHUNK_SIZE` depends on it.
-MESSAGE_TOKENS = 16_384
+MESSAGE_TOKENS = 32_768
 #: Most jobs in a default message of Hugging Face score jobs.
-MAX_MESSAGE_JOBS = 256
+MAX_MESSAGE_JOBS = 512
 #: A default message's last message with fewer jobs than this joins the one before.
 SMALLEST_TAIL = DEFAULT_CHUNK_SIZE // 4
 #: Characters per token when a text's tokens are guessed (English under a BPE).

@@ -212,7 +212,8 @@ def bare_generate(model: object, tokenizer: object, device: str, new_tokens: int
 
 def scoring_ratios(client: object, queue: str, model: object, model_dir: Path, dtype: str,
                    device: str, spec_device: str | None, args: argparse.Namespace,
-                   worker_pids: list[int], variant: str, first: bool) -> None:
+                   worker_pids: list[int], variant: str, first: bool,
+                   settings: dict[str, str]) -> None:
     """Issue 6's GPU targets: logprobe end to end (a sweep through the queue, every
     token row committed) against the bare batched forward pass (full logits, nothing
     else) and, for the ``first`` worker configuration, the worker's ``score_batch`` and
@@ -221,7 +222,8 @@ def scoring_ratios(client: object, queue: str, model: object, model_dir: Path, d
     dtype and token ids. First on ``--ratio-texts`` texts with the lengths of the CPU
     benchmark's paragraphs (random ids: the GPT-2 tokenizer's ids run past this
     vocabulary), then on ``--long-texts`` texts of ``--long-length`` tokens. Methods
-    interleaved, medians."""
+    interleaved, medians. ``settings``: the workers' environment settings of this
+    configuration (the bare forward runs the batches their budget plans)."""
     runs = {}
     if args.ratio_texts:
         runs["paragraphs"] = paragraph_lengths(args.ratio_texts)
@@ -231,7 +233,7 @@ def scoring_ratios(client: object, queue: str, model: object, model_dir: Path, d
         profile = args.profile_worker and args.profile_worker.with_name(
             f"{args.profile_worker.name}-{variant}-{what.split()[0]}")
         compare_scoring(client, queue, model, model_dir, dtype, device, spec_device, lengths,
-                        what, args, worker_pids, variant, profile, first)
+                        what, args, worker_pids, variant, profile, first, settings)
 
 
 def paragraph_lengths(count: int) -> list[int]:
@@ -248,7 +250,7 @@ def paragraph_lengths(count: int) -> list[int]:
 def compare_scoring(client: object, queue: str, model: object, model_dir: Path, dtype: str,
                     device: str, spec_device: str | None, lengths: list[int], what: str,
                     args: argparse.Namespace, worker_pids: list[int], variant: str,
-                    profile: Path | None, first: bool) -> None:
+                    profile: Path | None, first: bool, settings: dict[str, str]) -> None:
     """The three methods on texts of ``lengths`` (BOS, then random ids) in interleaved
     rounds; prints the table and the end-to-end rounds' timelines."""
     import statistics
@@ -262,13 +264,16 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
         sweep_token_rows,
         wait_all_succeeded,
     )
-    from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget
+    from worker.backends.hf_score import BatchBudget
 
     rng = random.Random(1)
     vocab = SHAPES[args.shape]["vocab_size"]
     id_lists = [[1, *(rng.randrange(3, vocab) for _ in range(n - 1))] for n in lengths]
     n_scored = sum(n - 1 for n in lengths)
-    plan = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[torch.device(device).type]).plan(lengths)
+    # The workers' budget (their environment's settings included): the bare forward
+    # runs the batches a worker plans for all the texts at once.
+    budget = BatchBudget.for_device(torch.device(device).type, {**os.environ, **settings})
+    plan = budget.plan(lengths)
 
     timelines: list[str] = []
 
@@ -302,9 +307,8 @@ def compare_scoring(client: object, queue: str, model: object, model_dir: Path, 
     if first and not args.skip_in_process:
         # The bare forward on the batches a worker runs when the texts come N a
         # message (each message planned alone): what its batches cost the GPU, apart
-        # from the queue's cost (at 64 texts a batch at most, paragraphs make the
-        # same batches at every size from 64 up).
-        budget = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[torch.device(device).type])
+        # from the queue's cost (a message smaller than a full batch, or not a
+        # multiple of one, makes more batches than the plan over all the texts).
         for chunk_size in args.chunk_size or [None]:
             batches = message_batches(lengths, chunk_size, budget)
             methods[f"bare batched forward on the batches of {chunk_label(chunk_size)} "
@@ -440,9 +444,9 @@ def in_process_scoring(lm: object, specs: list, lookahead: bool) -> None:
     """The worker backend's ``score_batch`` on all ``specs``, at the worker's budget."""
     import torch
 
-    from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score_batch
+    from worker.backends.hf_score import BatchBudget, score_batch
 
-    budget = BatchBudget(tokens=DEFAULT_BATCH_TOKENS[lm.device.type])  # type: ignore[attr-defined]
+    budget = BatchBudget.for_device(lm.device.type)  # type: ignore[attr-defined]
     outputs = score_batch(lm, specs, budget, lookahead=lookahead)  # type: ignore[arg-type]
     failed = [out for out in outputs if isinstance(out, Exception)]
     assert not failed, failed[:3]
@@ -456,8 +460,10 @@ def report_syncs(lm: object, batch: list[list[int]]) -> None:
     without an attention mask, so transformers does not read one on the host to
     choose a kernel; on an H100 with transformers 5.17 one or two were left, one in
     its check of the position ids for packed sequences, which the packed path skips
-    since (``worker/backends/hf_packed_check.py``). Each makes queuing batch i + 1
-    wait for batch i's forward pass to end."""
+    since (``worker/backends/hf_packed_check.py``); after that, one report, its frames
+    at the mode switch after the batch was queued (run F, docs/throughput.md). Each
+    makes queuing batch i + 1 wait for batch i's forward pass to end. Only torch's
+    synchronization warnings count; each is printed with its text."""
     import traceback
     import warnings
 
@@ -472,10 +478,12 @@ def report_syncs(lm: object, batch: list[list[int]]) -> None:
 
     def note(message: object, category: object, filename: str, lineno: int,
              file: object = None, line: object = None) -> None:
+        if "synchroniz" not in str(message):  # another warning
+            return
         frames = [frame for frame in traceback.extract_stack()[:-1]
                   if not frame.filename.endswith("warnings.py")][-6:]
-        stacks.append(" <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
-                                  for f in reversed(frames)))
+        stacks.append(f"{str(message)[:60]!r}: " + " <- ".join(
+            f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(frames)))
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -648,7 +656,7 @@ def main() -> int:
                     if args.ratio_texts or args.long_texts:
                         scoring_ratios(client, client.queue, reference, model_dir, dtype, device,
                                        spec_device, args, [w.pid for w in workers], variant,
-                                       first=number == 0)
+                                       first=number == 0, settings=settings)
                 finally:
                     stop_workers(workers)
     finally:

@@ -228,7 +228,7 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
     from api_client import Client
     from api_client.specs import ScoreSpec
     from worker.backends.hf_models import load_model
-    from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score_batch
+    from worker.backends.hf_score import BatchBudget, score_batch
     from worker.bulk_persistence import claim_many, store_outputs
 
     texts = paragraphs(args.texts)
@@ -239,8 +239,7 @@ def scoring_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url:
     id_lists = [[bos, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
     n_tokens = sum(len(ids) - 1 for ids in id_lists)
     log(f"{len(texts)} texts, {n_tokens} scored tokens, torch threads {torch.get_num_threads()}")
-    budget = BatchBudget(tokens=int(os.environ.get("LOGPROBE_BATCH_TOKENS",
-                                                   DEFAULT_BATCH_TOKENS["cpu"])))
+    budget = BatchBudget.for_device("cpu")
     plan = budget.plan([len(ids) for ids in id_lists])
 
     worker = start_worker("hf", f"bench.hf.{uuid.uuid4().hex[:6]}", redis_url, db_url,

@@ -245,6 +245,22 @@ def test_budget_plans_length_buckets() -> None:
     assert plan[0] == [1, 3, 5]  # the short texts together
 
 
+def test_the_worker_budget_follows_its_device_and_environment() -> None:
+    """On CUDA short texts go up to 256 a batch within 8,192 padded tokens; on a CPU
+    (and a device type the defaults do not list) 64 within 1,024; the environment
+    overrides either, and a budget that cannot run is refused with its variable."""
+    assert BatchBudget.for_device("cpu", {}) == BatchBudget(tokens=1024, max_batch=64)
+    assert BatchBudget.for_device("xpu", {}) == BatchBudget(tokens=1024, max_batch=64)
+    cuda = BatchBudget.for_device("cuda", {})
+    assert cuda == BatchBudget(tokens=8192, max_batch=256)
+    assert [len(b) for b in cuda.plan([40] * 300)] == [204, 96]  # the tokens bind
+    assert [len(b) for b in cuda.plan([8] * 600)] == [256, 256, 88]  # the texts bind
+    assert BatchBudget.for_device("cuda", {"LOGPROBE_MAX_BATCH": "64",
+                                           "LOGPROBE_BATCH_TOKENS": "0"}) == BatchBudget(0, 64)
+    with pytest.raises(ValueError, match="LOGPROBE_MAX_BATCH must be at least 1"):
+        BatchBudget.for_device("cuda", {"LOGPROBE_MAX_BATCH": "0"})
+
+
 # --- sweeps -----------------------------------------------------------------------------
 
 def test_sweep_cross_product_in_sql(client, tiny_gpt2: str, tiny_llama: str) -> None:
@@ -340,19 +356,19 @@ def test_default_messages_grow_for_short_score_jobs_only() -> None:
     def sizes(rows: list[dict[str, object]]) -> list[int]:
         return [len(items) for _, items in chunk_messages(rows)]
 
-    # Short texts: up to MAX_MESSAGE_JOBS a message (1,000 paragraphs of ~44 tokens).
-    assert sizes(_score_rows([44] * 1000)) == [256, 256, 256, 232]
-    # 100 tokens: closed once MESSAGE_TOKENS are in (164 x 100 >= 16,384 > 163 x 100).
-    assert sizes(_score_rows([100] * 400)) == [164, 164, 72]
+    # Short texts: up to MAX_MESSAGE_JOBS a message (2,000 paragraphs of ~44 tokens).
+    assert sizes(_score_rows([44] * 2000)) == [512, 512, 512, 464]
+    # 100 tokens: closed once MESSAGE_TOKENS are in (328 x 100 >= 32,768 > 327 x 100).
+    assert sizes(_score_rows([100] * 700)) == [328, 328, 44]
     # Long texts never go below 64 a message; a last message of fewer than 16 joins the
-    # one before (the two halved past 256).
+    # one before (the two halved past 512).
     assert sizes(_score_rows([512] * 130)) == [64, 66]
     assert sizes(_score_rows([512] * 144)) == [64, 64, 16]
-    assert sizes(_score_rows([44] * 520)) == [256, 132, 132]
+    assert sizes(_score_rows([44] * 1032)) == [512, 260, 260]
     # Characters count a token per CHARS_PER_TOKEN: 20-character texts are 5 tokens.
     texts = [{"id": str(i), "queue": "q", "model": "m",
-              "spec": ScoreSpec(model="m", text="abcd " * 4)} for i in range(300)]
-    assert sizes(texts) == [256, 44]
+              "spec": ScoreSpec(model="m", text="abcd " * 4)} for i in range(600)]
+    assert sizes(texts) == [512, 88]
     # Not a batched forward pass: 64 a message however short.
     assert sizes(_score_rows([10] * 130, return_logits=True)) == [64, 64, 2]
     embeddings = [{"id": str(i), "queue": "q", "model": "m",
@@ -381,11 +397,11 @@ def test_default_messages_are_sorted_and_lose_no_job() -> None:
     sent = [item["id"] for items in messages for item in items]
     assert sorted(sent, key=int) == [row["id"] for row in rows]
     assert [lengths[int(i)] for i in sent] == sorted(lengths)
-    assert all(16 <= len(items) <= 256 for items in messages)
+    assert all(16 <= len(items) <= 512 for items in messages)
     for items in messages[:-1]:
         tokens = sum(lengths[int(item["id"])] for item in items)
-        assert len(items) == 256 or tokens >= 16_384
-        assert len(items) == 64 or tokens - lengths[int(items[-1]["id"])] < 16_384
+        assert len(items) == 512 or tokens >= 32_768
+        assert len(items) == 64 or tokens - lengths[int(items[-1]["id"])] < 32_768
 
 
 # --- result reuse -----------------------------------------------------------------------

@@ -11,7 +11,6 @@ Score math lives in ``hf_score``, generation in ``hf_generate``, model loading i
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ from .base import AnySpec, Backend, OutputsReady, ProbeOutput
 from .hf_generate import generate
 from .hf_interrupt import all_should_stop, stop_when
 from .hf_models import ModelCache, auto_device
-from .hf_score import DEFAULT_BATCH_TOKENS, BatchBudget, score, score_batch
+from .hf_score import BatchBudget, score, score_batch
 from .hf_tensor_score import score_tensors
 
 log = logging.getLogger(__name__)
@@ -47,11 +46,9 @@ class HFBackend(Backend):
         if deterministic:
             enable_determinism()
         self.models = ModelCache(max_models, fused_activations=fused_activations)
-        #: Score probes on the same model run batched within this many padded tokens.
-        device = auto_device().split(":")[0]
-        self.batch_budget = BatchBudget(tokens=int(
-            os.environ.get("LOGPROBE_BATCH_TOKENS", DEFAULT_BATCH_TOKENS.get(device, 1024))
-        ))
+        #: Score probes on the same model run batched within this budget (padded tokens,
+        #: texts a batch).
+        self.batch_budget = BatchBudget.for_device(auto_device().split(":")[0])
 
     def run(self, specs: Sequence[AnySpec], on_ready: OutputsReady | None = None
             ) -> list[ProbeOutput | Exception]:

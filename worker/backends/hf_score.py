@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -84,8 +85,14 @@ def score(lm: LoadedModel, spec: ScoreSpec) -> ProbeOutput:
 #: (padding costs as much as real tokens, and a GEMM is efficient from ~1k rows); on
 #: a GPU, big batches do.
 DEFAULT_BATCH_TOKENS = {"cpu": 1024, "mps": 4096, "cuda": 8192}
-#: Most texts in one forward pass, however short they are.
-DEFAULT_MAX_BATCH = 64
+#: Most texts in one forward pass, however short they are, by device type, unless the
+#: worker is told otherwise (``LOGPROBE_MAX_BATCH``). A GPU forward pass costs its
+#: launching thread about the same CPU time however many texts it holds (a
+#: Llama-2-7B-shaped model's: ~35 ms of Python per batch on the H100 machine, against
+#: ~92 ms on the GPU for 64 paragraphs), so short texts go up to 256 a batch there,
+#: within the token budget (~117 paragraphs): the GPU's work per batch grows, the
+#: CPU's does not. On a CPU the token budget binds first.
+DEFAULT_MAX_BATCH = {"cpu": 64, "mps": 64, "cuda": 256}
 
 
 @dataclass
@@ -93,7 +100,24 @@ class BatchBudget:
     """How big a forward pass may be; shrinks when one runs out of memory."""
 
     tokens: int = DEFAULT_BATCH_TOKENS["cpu"]
-    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch: int = DEFAULT_MAX_BATCH["cpu"]
+
+    @classmethod
+    def for_device(cls, device_type: str,
+                   environ: Mapping[str, str] = os.environ) -> BatchBudget:
+        """The worker's budget on a device of ``device_type`` ("cpu", "cuda", ...):
+        ``LOGPROBE_BATCH_TOKENS`` and ``LOGPROBE_MAX_BATCH`` from ``environ`` where set,
+        else :data:`DEFAULT_BATCH_TOKENS` and :data:`DEFAULT_MAX_BATCH` (a device type
+        they do not list takes the CPU's)."""
+        known = device_type if device_type in DEFAULT_BATCH_TOKENS else "cpu"
+        tokens = int(environ.get("LOGPROBE_BATCH_TOKENS", DEFAULT_BATCH_TOKENS[known]))
+        max_batch = int(environ.get("LOGPROBE_MAX_BATCH", DEFAULT_MAX_BATCH[known]))
+        if tokens < 0:
+            raise ValueError(f"LOGPROBE_BATCH_TOKENS must be 0 or more (0: no batching), "
+                             f"got {tokens}")
+        if max_batch < 1:
+            raise ValueError(f"LOGPROBE_MAX_BATCH must be at least 1, got {max_batch}")
+        return cls(tokens=tokens, max_batch=max_batch)
 
     def plan(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices into ``lengths`` in batches: sorted by length (little padding), each

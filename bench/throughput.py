@@ -456,8 +456,11 @@ def tiny_section(args: argparse.Namespace, tmp: Path, redis_url: str, db_url: st
 
 def _tiny_rounds(args: argparse.Namespace, client: Any, model_dir: str, rates: list[float],
                  label: str) -> None:
-    """A warm-up sweep, then ``args.repeats`` sweeps of ``args.tiny`` tiny probes."""
-    warm = client.sweep(tiny_texts(500, seed=9), models=[model_dir], reuse=False)
+    """A warm-up sweep, then ``args.repeats`` sweeps of ``args.tiny`` tiny probes. The
+    warm-up goes 64 a message, so that every pool process loads its model before the
+    timed rounds (the default would send its 500 probes as one message)."""
+    warm = client.sweep(tiny_texts(500, seed=9), models=[model_dir], reuse=False,
+                        chunk_size=64)
     wait_all_succeeded(client, warm.id, len(warm))
     for round_ in range(args.repeats):
         texts = tiny_texts(args.tiny, seed=100 + round_)

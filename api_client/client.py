@@ -175,7 +175,7 @@ class Client:
         ``time_limit``: seconds each job may run before the worker stops it (default
         ``LOGPROBE_JOB_TIME_LIMIT`` or 6 h; at most :func:`~api_client.broker.max_job_time_limit`,
         below the broker's visibility timeout). Jobs go to the broker ``chunk_size``
-        (default ``self.chunk_size``; None: 64, up to 256 for short Hugging Face score
+        (default ``self.chunk_size``; None: 64, up to 512 for short Hugging Face score
         jobs, :mod:`api_client.messages`) to a message, grouped by queue and model, so
         a worker can batch them. Nothing is written if any spec is invalid
         (:class:`SpecError`). If a write fails or the broker cannot be reached, the

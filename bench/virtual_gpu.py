@@ -209,18 +209,18 @@ def main() -> int:
         sweep_timeline,
     )
     from bench.throughput import wait_all_succeeded
-    from worker.backends.hf_score import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH, BatchBudget
+    from worker.backends.hf_score import BatchBudget
 
     work = Path(tempfile.mkdtemp(prefix="logprobe-virtual-gpu-"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("LOGPROBE_HOME", str(work / "home"))
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",  # a CUDA worker's budget:
-               LOGPROBE_BATCH_TOKENS=str(DEFAULT_BATCH_TOKENS["cuda"]),
-               LOGPROBE_MAX_BATCH=str(DEFAULT_MAX_BATCH["cuda"]))
+    cuda = BatchBudget.for_device("cuda")  # the worker on the CPU batches as on CUDA
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", LOGPROBE_BATCH_TOKENS=str(cuda.tokens),
+               LOGPROBE_MAX_BATCH=str(cuda.max_batch))
     os.environ.update({k: env[k] for k in ("LOGPROBE_HOME", "HF_HUB_OFFLINE")})
     lengths = paragraph_lengths(args.texts)
-    plan = BatchBudget.for_device("cuda").plan(lengths)
+    plan = cuda.plan(lengths)
     padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in plan)
     env[ENV_SECONDS_PER_TOKEN] = repr(args.device_seconds / padded)
     env[ENV_LAUNCH_PYTHON] = repr(args.launch_ms / 1000)

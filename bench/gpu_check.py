@@ -568,7 +568,7 @@ def main() -> int:
                         help="extra `logprobe worker` arguments of one worker configuration "
                              "to compare, e.g. '--concurrency 2', after any NAME=value "
                              "settings of the workers' environment, e.g. "
-                             "'LOGPROBE_LOOKAHEAD_BATCHES=2 --pool threads' (repeat for "
+                             "'LOGPROBE_MAX_BATCH=64 --pool threads' (repeat for "
                              "several; default: one configuration, the defaults). Generation "
                              "and the notebook loop run with the first only")
     parser.add_argument("--notebook-texts", type=int, default=0,

@@ -202,7 +202,8 @@ def head_only_logits(lm: LoadedModel, batch: Sequence[Sequence[int]], input_ids:
     a GPU, a wait for all the work queued before), and SDPA runs its causal kernel
     (flash attention on a GPU). Nor does transformers 5.x check the position ids it
     made for packed sequences, another wait (:mod:`.hf_packed_check`), so that batch
-    i + 1 can be queued while batch i computes (not yet measured on a GPU). The
+    i + 1 can be queued while batch i computes (on an H100 the workers' GPU then
+    never waited inside a message with one pool process: docs/throughput.md, run G). The
     scored positions' hidden states equal the masked call's (bit for bit on a CPU;
     ``tests/test_batch_logprobs.py``).
 

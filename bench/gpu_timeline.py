@@ -6,7 +6,7 @@ the worker's scoring at Celery's ``worker_init``: each batch the worker queues
 (``launch_token_logprobs``) gets three CUDA events, recorded as its launch begins,
 when its first decoder layer is queued (after transformers' host-side checks, which
 wait for the GPU), and when its launch returns. Once the last has completed, the
-worker appends a line for the batch to ``LOGPROBE_GPU_TIMELINE``: its thread, the CPU
+worker appends a line for the batch to ``LOGPROBE_GPU_TIMELINE``: its process and thread, the CPU
 times (``time.monotonic``) its launch began and returned, the GPU times its first
 kernel ran, its first layer began and its work ended (on the same clock, through a
 reference event), and its padded tokens. On a CPU the launch runs the batch, and the
@@ -129,7 +129,9 @@ class Recorder:
         last = self.event()
         layer = self._first_layer.event or first
         with self._lock:
-            self._pending.append((threading.current_thread().name, began, time.monotonic(),
+            # (pid:thread: the pool processes of --concurrency 2 share one file)
+            self._pending.append((f"{os.getpid()}:{threading.current_thread().name}",
+                                  began, time.monotonic(),
                                   first, layer, last, len(batch) * max(map(len, batch)),
                                   message_id))
         return launched

@@ -25,9 +25,9 @@ worker's span, and the device's padded tokens (against the bare forward's: paddi
 the worker's batches added), busy and idle time. The estimate is this machine's CPU
 against an H100's time: the GPU machine's CPU is faster (the real H100 runs left
 less idle than this script does for the same configuration), so read the
-configurations' order and the effect of a change, not the absolute ratio. With
-``--pool prefork --concurrency 2`` each pool process would have a device of its
-own: compare one pool process, or threads.
+configurations' order and the effect of a change, not the absolute ratio. The
+pool processes of ``--concurrency 2`` share the one virtual device, as two
+processes pinned to one GPU take turns on it (each with a copy of the model).
 
     python bench/virtual_gpu.py                       # default configurations
     python bench/virtual_gpu.py --chunk-size 64 --chunk-size 256 \\
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import random
 import shutil
@@ -48,7 +49,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -77,32 +77,36 @@ ENV_DEVICE_LOG = "LOGPROBE_VIRTUAL_GPU_LOG"
 
 class VirtualDevice:
     """One serial timeline: a batch queued at ``t`` with cost ``c`` ends at
-    ``max(t, end of the batch before) + c``. Each batch is logged to ``log``."""
+    ``max(t, end of the batch before) + c``. Each batch is logged to ``log``.
+
+    The timeline lives in shared memory: made in the worker's main process (at
+    ``worker_init``), it is the one device of all the pool processes forked after, as
+    a GPU is of the processes of ``--pool prefork --concurrency 2`` pinned to it (which
+    take turns on it: the batches of each wait for those queued before by either)."""
 
     def __init__(self, seconds_per_token: float, log: str | None = None) -> None:
         self.seconds_per_token = seconds_per_token
         self.log = log
-        self._lock = threading.Lock()
-        self._free_at = 0.0
+        self._free_at = multiprocessing.Value("d", 0.0)  # with its own (shared) lock
 
     def queue(self, queued_at: float, padded_tokens: int, queued_until: float = 0.0,
               message: str = "-") -> float:
         """The virtual end of a batch of ``padded_tokens`` whose work was queued from
         ``queued_at`` to ``queued_until`` (it cannot end before its last kernel is
         queued); ``message``: the broker message it belongs to (for the log)."""
-        with self._lock:
-            start = max(queued_at, self._free_at)
-            self._free_at = max(start + padded_tokens * self.seconds_per_token,
-                                queued_until)
+        with self._free_at.get_lock():
+            start = max(queued_at, self._free_at.value)
+            end = max(start + padded_tokens * self.seconds_per_token, queued_until)
+            self._free_at.value = end
             if self.log:
                 with open(self.log, "a") as log:
-                    log.write(f"{start:.6f} {self._free_at:.6f} {padded_tokens} {message}\n")
-            return self._free_at
+                    log.write(f"{start:.6f} {end:.6f} {padded_tokens} {message}\n")
+            return end
 
     @property
     def free_at(self) -> float:
-        with self._lock:
-            return self._free_at
+        with self._free_at.get_lock():
+            return float(self._free_at.value)
 
 
 def device_use(lines: list[str]) -> str:

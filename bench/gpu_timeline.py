@@ -6,10 +6,10 @@ the worker's scoring at Celery's ``worker_init``: each batch the worker queues
 (``launch_token_logprobs``) gets three CUDA events, recorded as its launch begins,
 when its first decoder layer is queued (after transformers' host-side checks, which
 wait for the GPU), and when its launch returns. Once the last has completed, the
-worker appends a line for the batch to ``LOGPROBE_GPU_TIMELINE``: its process and thread, the CPU
-times (``time.monotonic``) its launch began and returned, the GPU times its first
-kernel ran, its first layer began and its work ended (on the same clock, through a
-reference event), and its padded tokens. On a CPU the launch runs the batch, and the
+worker appends a line for the batch to ``LOGPROBE_GPU_TIMELINE``: its process and
+thread, the CPU times (``time.monotonic``) its launch began and returned, the GPU
+times its first kernel ran, its first layer began and its work ended (on the same
+clock, through a reference event), and its padded tokens. On a CPU the launch runs the batch, and the
 "GPU" times are the CPU's at those points: enough to rehearse the plumbing.
 
 :func:`summarize` turns the lines of a time window (one end-to-end round) into where

@@ -103,6 +103,40 @@ def test_a_longer_message_reports_progress_and_then_final(redis_client) -> None:
     redis_client.delete(*(progress_key(c.job_id) for c in controls))
 
 
+def test_one_report_writes_each_jobs_own_fields(redis_client) -> None:
+    """A report sends the fields all jobs share once and each job's own (done, unit,
+    total, started, attempt) apart: a job sets only the fields it has, and keeps what
+    an earlier report wrote of the others."""
+    begun, waiting, retried = _ids(3)
+    first = JobControl(begun, time_limit=60, redis=redis_client, worker="w")
+    first.begin(40, "tokens")
+    first.advance(17)
+    second = JobControl(waiting, time_limit=60, redis=redis_client, worker="w")
+    third = JobControl(retried, time_limit=60, redis=redis_client, worker="w", attempt=2)
+    third.begin(5, "steps")
+    redis_client.hset(progress_key(waiting), mapping={"total": 99})  # an earlier report
+    keys = [progress_key(job_id) for job_id in (begun, waiting, retried)]
+    try:
+        Monitor([first, second, third])._report(final=True)
+        reports = [{k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
+                   for key in keys]
+        shared = {"worker": "w", "pid": str(os.getpid()), "host": socket.gethostname(),
+                  "final": "1"}
+        assert all(report.items() >= shared.items() for report in reports)
+        assert len({report["updated"] for report in reports}) == 1
+        assert {k: reports[0][k] for k in ("done", "unit", "total")} == {
+            "done": "17", "unit": "tokens", "total": "40"}
+        assert float(reports[0]["started"]) == first.begun_at
+        assert "attempt" not in reports[0]
+        assert (reports[1]["done"], reports[1]["total"]) == ("0", "99")
+        assert "started" not in reports[1]
+        assert {k: reports[2][k] for k in ("done", "unit", "total", "attempt")} == {
+            "done": "0", "unit": "steps", "total": "5", "attempt": "2"}
+        assert all(0 < redis_client.ttl(key) <= LIVE_KEY_TTL for key in keys)
+    finally:
+        redis_client.delete(*keys)
+
+
 def test_a_job_another_thread_of_this_process_runs_is_running_here(redis_client) -> None:
     """A heartbeat names a process, not a thread: a job whose heartbeat is this
     process's counts as running only while a thread here has it (``running_here``)."""

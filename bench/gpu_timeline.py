@@ -9,8 +9,9 @@ wait for the GPU), and when its launch returns. Once the last has completed, the
 worker appends a line for the batch to ``LOGPROBE_GPU_TIMELINE``: its process and
 thread, the CPU times (``time.monotonic``) its launch began and returned, the GPU
 times its first kernel ran, its first layer began and its work ended (on the same
-clock, through a reference event), and its padded tokens. On a CPU the launch runs the batch, and the
-"GPU" times are the CPU's at those points: enough to rehearse the plumbing.
+clock, through a reference event), and its padded tokens. On a CPU the launch runs
+the batch, and the "GPU" times are the CPU's at those points: enough to rehearse the
+plumbing. (``bench/virtual_gpu.py`` writes its virtual device's batches so too.)
 
 :func:`summarize` turns the lines of a time window (one end-to-end round) into where
 the GPU was idle: between batches, split into the time before the next launch began
@@ -193,7 +194,8 @@ def summarize(batches: Iterable[Batch], window: tuple[float, float]) -> str:
         return "no batches"
     busy_until = inside[0].gpu_began
     busy = between = cpu_late = boundary = 0.0
-    gaps = boundaries = 0
+    gaps = 0
+    at_boundaries: list[str] = []  # each gap's ms
     within: list[str] = []
     previous: Batch | None = None
     returned: dict[str, float] = {}  # thread -> its last launch's return
@@ -205,7 +207,7 @@ def summarize(batches: Iterable[Batch], window: tuple[float, float]) -> str:
             gaps += 1
             if previous is not None and previous.message != batch.message:
                 boundary += gap
-                boundaries += 1
+                at_boundaries.append(f"{1000 * gap:.0f}")
             elif batch.thread in returned:
                 within.append(f"{1000 * gap:.0f}/"
                               f"{1000 * (batch.launch_began - returned[batch.thread]):.0f}")
@@ -217,10 +219,14 @@ def summarize(batches: Iterable[Batch], window: tuple[float, float]) -> str:
     span = busy_until - inside[0].gpu_began
     to_layer = [b.first_layer - b.gpu_began for b in inside]
     launch = [b.launch_returned - b.launch_began for b in inside]
-    return (f"{len(inside)} batches over {span:.3f}s, GPU busy {busy:.3f}s (from each batch's "
+    padded = sum(b.tokens for b in inside)
+    return (f"{len(inside)} batches of {padded} padded tokens over {span:.3f}s, GPU busy "
+            f"{busy:.3f}s (from each batch's "
             f"first kernel); idle between batches {between:.3f}s "
             f"in {gaps} gaps ({cpu_late:.3f}s of it before the next launch began; "
-            f"{boundary:.3f}s in {boundaries} at a message's boundary; inside a message, "
+            f"{boundary:.3f}s in {len(at_boundaries)} at a message's boundary"
+            f"{' (' + ', '.join(at_boundaries) + ' ms)' if at_boundaries else ''}; inside a "
+            "message, "
             f"gap/CPU from the thread's last launch ms: {', '.join(within) or 'none'}); "
             f"from a batch's first kernel to its first layer {sum(to_layer):.3f}s in all "
             f"(median {1000 * statistics.median(to_layer):.1f} ms); launches (CPU) median "

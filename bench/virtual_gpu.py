@@ -40,7 +40,6 @@ Celery's ``worker_init``, before the pool starts).
 from __future__ import annotations
 
 import argparse
-import itertools
 import multiprocessing
 import os
 import random
@@ -49,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -63,6 +63,7 @@ from bench.gpu_check import (  # noqa: E402  (after the path)
     run_patched_worker,
     worker_configuration,
 )
+from bench.gpu_timeline import Batch, read, summarize  # noqa: E402
 
 #: Seconds of virtual device time per padded token (set by the driver).
 ENV_SECONDS_PER_TOKEN = "LOGPROBE_VIRTUAL_GPU_SECONDS_PER_TOKEN"
@@ -71,7 +72,8 @@ ENV_LAUNCH_PYTHON = "LOGPROBE_VIRTUAL_GPU_LAUNCH_PYTHON"
 #: "1": queuing a batch first waits for the device to finish all work queued before
 #: (transformers 5.x's host-side check of the position ids; set by the driver).
 ENV_SYNC_ON_LAUNCH = "LOGPROBE_VIRTUAL_GPU_SYNC_ON_LAUNCH"
-#: Where the worker appends a line per batch: start and end (monotonic), padded tokens.
+#: Where the worker appends a line per batch (``bench.gpu_timeline.Batch``: the device's
+#: start and end are its GPU times, its queuing from first to last kernel its launch).
 ENV_DEVICE_LOG = "LOGPROBE_VIRTUAL_GPU_LOG"
 
 
@@ -99,34 +101,16 @@ class VirtualDevice:
             end = max(start + padded_tokens * self.seconds_per_token, queued_until)
             self._free_at.value = end
             if self.log:
+                thread = f"{os.getpid()}:{threading.current_thread().name}"
                 with open(self.log, "a") as log:
-                    log.write(f"{start:.6f} {end:.6f} {padded_tokens} {message}\n")
+                    log.write(Batch(thread, queued_at, queued_until, start, start, end,
+                                    padded_tokens, message).line())
             return end
 
     @property
     def free_at(self) -> float:
         with self._free_at.get_lock():
             return float(self._free_at.value)
-
-
-def device_use(lines: list[str]) -> str:
-    """A round's batches (lines of the device log): padded tokens, busy seconds, the
-    device's idle time between its first batch's start and last batch's end, and each
-    gap of a millisecond or more in order (``*``: before a batch of another message
-    than the batch before)."""
-    batches = [line.split() for line in lines]
-    starts = [float(fields[0]) for fields in batches]
-    ends = [float(fields[1]) for fields in batches]
-    busy = sum(end - start for start, end in zip(starts, ends, strict=True))
-    padded = sum(int(fields[2]) for fields in batches)
-    order = sorted(range(len(batches)), key=starts.__getitem__)
-    gaps = [f"{1000 * (starts[after] - ends[before]):.0f}"
-            + ("*" if batches[after][3:] != batches[before][3:] else "")
-            for before, after in itertools.pairwise(order)
-            if starts[after] - ends[before] >= 0.001]
-    return (f"device: {len(batches)} batches, {padded} padded tokens, busy {busy:.3f}s, "
-            f"idle {max(ends) - min(starts) - busy:.3f}s between its first and last batch "
-            f"(gaps in ms, * before another message's batch: {', '.join(gaps) or 'none'})")
 
 
 def install_virtual_device(**_: Any) -> None:
@@ -259,7 +243,7 @@ def main() -> int:
                             sweep_id = uuid.uuid4().hex
                             specs = [ScoreSpec(model=model_dir, token_ids=ids, reuse=False)
                                      for ids in id_lists]
-                            logged = len(device_log.read_text().splitlines())
+                            logged = len(read(device_log))
                             started, submitted = time.perf_counter(), time.time()
                             client.submit_many(specs, sweep_id=sweep_id, queue=queue,
                                                chunk_size=chunk_size)
@@ -268,8 +252,9 @@ def main() -> int:
                             seconds = time.perf_counter() - started
                             timeline = sweep_timeline(client, sweep_id, submitted, sent,
                                                       time.time())
-                            batches = device_log.read_text().splitlines()[logged:]
-                            return seconds, f"{timeline}; {device_use(batches)}"
+                            batches = read(device_log)[logged:]
+                            return seconds, (f"{timeline}; device: "
+                                             f"{summarize(batches, (0.0, float('inf')))}")
 
                         round_trip()  # warm-up: the model loads
                         times, timelines = [], []

@@ -240,13 +240,10 @@ class Monitor:
         logged (the claim in SQL still holds; :func:`live_state` says why it matters)."""
         if self.redis is None:
             return
-        fields = {"done": 0, "updated": time.time(), "worker": self.controls[0].worker,
-                  "pid": os.getpid(), "host": socket.gethostname(), "final": 0}
         try:
             self._announced = True
-            self._announce(
-                keys=[progress_key(c.job_id) for c in self.controls],
-                args=[LIVE_KEY_TTL, *(x for item in fields.items() for x in item)])
+            self._announce(keys=[progress_key(c.job_id) for c in self.controls],
+                           args=[LIVE_KEY_TTL, "done", 0, *self._shared_fields(final=False)])
         except SoftTimeLimitExceeded:
             raise
         except Exception as exc:
@@ -268,14 +265,18 @@ class Monitor:
             if flagged:
                 control._cancel.set()
 
+    def _shared_fields(self, final: bool) -> list[Any]:
+        """The progress fields all the message's jobs share, as field, value, ...: who
+        runs them (the runner gives a message's controls one worker name), when, and
+        whether this is their final report."""
+        return ["updated", time.time(), "worker", self.controls[0].worker,
+                "pid", os.getpid(), "host", socket.gethostname(), "final", int(final)]
+
     def _report(self, final: bool = False) -> None:
-        shared = {"updated": time.time(), "worker": self.controls[0].worker,
-                  "pid": os.getpid(), "host": socket.gethostname(), "final": int(final)}
         own = json.dumps([control.progress_fields() for control in self.controls])
         self._reported = True  # even if it fails midway: a final report then tidies up
         self._write_progress(keys=[progress_key(c.job_id) for c in self.controls],
-                             args=[LIVE_KEY_TTL, own, *(x for item in shared.items()
-                                                        for x in item)])
+                             args=[LIVE_KEY_TTL, own, *self._shared_fields(final)])
 
     def _watch(self) -> None:
         next_report = time.monotonic() + self.first_report_delay
